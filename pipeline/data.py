@@ -1,0 +1,267 @@
+"""Find, verify and load Fashion-MNIST; split it; batch and augment it on the device.
+
+The four original IDX files are read through torchvision. Verification is of the
+*decompressed* bytes: Debian's .gz files differ from the ones torchvision downloads only in
+their gzip headers, so a checksum of the .gz would reject good data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_DATA_DIR = REPO_ROOT / "data"
+DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+ENV_VAR = "FASHION_MNIST_DIR"
+
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# SHA-256 of the decompressed official files (60,000 train / 10,000 test images).
+OFFICIAL_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+# A folder may carry its own "SHA256SUMS" (sha256sum's format) for a custom or synthetic
+# dataset in the same IDX layout; without one, only the official content is accepted.
+MANIFEST_NAME = "SHA256SUMS"
+CLASSES = tuple(TorchvisionFashionMNIST.classes)
+N_CLASSES = len(CLASSES)
+IMAGE_SIDE = 28
+SPLIT_SEED = 0  # the validation split is the same for every run with the same val_size
+
+FIX = (
+    "Fix: run `make data` (as root it installs Debian's dataset-fashion-mnist), "
+    f"or set {ENV_VAR} to a folder holding the four original *-ubyte.gz files."
+)
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing, truncated or corrupt. The message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    """The raw dataset: uint8 images (N, 28, 28) and int64 labels, as published."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: Path
+    checksum: str  # SHA-256 over the four files' SHA-256s: names the exact data a run saw
+
+
+def search_dirs() -> list[Path]:
+    """Where to look: $FASHION_MNIST_DIR alone when it is set (a wrong setting is reported, not skipped);
+    otherwise the repo's data/, then Debian's package."""
+    if os.environ.get(ENV_VAR):
+        return [Path(os.environ[ENV_VAR])]
+    return [REPO_DATA_DIR, DEBIAN_DATA_DIR]
+
+
+def find_raw_files(directory: Path) -> dict[str, Path] | None:
+    """The four files in ``directory`` (flat, or torchvision's FashionMNIST/raw/), each plain or .gz."""
+    for folder in (directory, directory / "FashionMNIST" / "raw"):
+        found = {}
+        for name in RAW_FILES:
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+        if len(found) == len(RAW_FILES):
+            return found
+    return None
+
+
+def locate_dataset() -> dict[str, Path]:
+    looked = search_dirs()
+    for directory in looked:
+        files = find_raw_files(directory)
+        if files:
+            return files
+    places = ", ".join(str(d) for d in looked)
+    raise DatasetError(f"Fashion-MNIST not found (looked in {places}). {FIX}")
+
+
+def load_fashion_mnist(directory: Path | None = None) -> FashionMNIST:
+    """Load and verify the dataset from ``directory``, or from the first place search_dirs() finds it."""
+    with verified_torchvision_root(directory) as (root, source, checksum):
+        train = _read_split(root, train=True, source=source)
+        test = _read_split(root, train=False, source=source)
+    return FashionMNIST(*train, *test, source=source, checksum=checksum)
+
+
+@contextmanager
+def verified_torchvision_root(directory: Path | None = None) -> Iterator[tuple[str, Path, str]]:
+    """A scratch folder laid out as torchvision's FashionMNIST expects (FashionMNIST/raw/), holding the
+    decompressed files after their content is verified. Yields (root, source folder, dataset checksum)."""
+    if directory is None:
+        files = locate_dataset()
+    else:
+        files = find_raw_files(Path(directory))
+        if files is None:
+            raise DatasetError(f"Fashion-MNIST not found in {directory}: it needs {', '.join(RAW_FILES)} "
+                               f"(or their .gz). {FIX}")
+    source = files[RAW_FILES[0]].parent
+    expected = _expected_checksums(source)
+    digests = {}
+    with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as scratch:
+        raw_dir = Path(scratch) / "FashionMNIST" / "raw"
+        raw_dir.mkdir(parents=True)
+        for name, path in files.items():
+            content = _read_decompressed(path)
+            digests[name] = hashlib.sha256(content).hexdigest()
+            if digests[name] != expected[name]:
+                raise DatasetError(
+                    f"{path} is corrupt or truncated: its content's SHA-256 is {digests[name][:16]}..., "
+                    f"expected {expected[name][:16]}.... {FIX}"
+                )
+            (raw_dir / name).write_bytes(content)
+        checksum = hashlib.sha256("".join(digests[n] for n in RAW_FILES).encode()).hexdigest()
+        yield scratch, source, checksum
+
+
+def _expected_checksums(source: Path) -> dict[str, str]:
+    manifest = next((p for p in (source / MANIFEST_NAME, source.parent.parent / MANIFEST_NAME) if p.is_file()), None)
+    if manifest is None:
+        return OFFICIAL_SHA256
+    entries = {}
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            entries[Path(name.lstrip("*")).name.removesuffix(".gz")] = digest.lower()
+    missing = [n for n in RAW_FILES if n not in entries]
+    if missing:
+        raise DatasetError(f"{manifest} lists no checksum for {', '.join(missing)}.")
+    return entries
+
+
+def _read_decompressed(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix == ".gz" else data
+    except (OSError, EOFError, zlib.error) as error:
+        raise DatasetError(f"{path} cannot be read ({error}): it is truncated or corrupt. {FIX}") from None
+
+
+def _read_split(root: str, *, train: bool, source: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    split = "train" if train else "test"
+    try:
+        dataset = TorchvisionFashionMNIST(root, train=train, download=False)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as error:
+        raise DatasetError(f"the {split} files in {source} are not valid IDX files ({error}). {FIX}") from None
+    images, labels = dataset.data, dataset.targets
+    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(images) != len(labels):
+        raise DatasetError(f"the {split} files in {source} hold {tuple(images.shape)} images for "
+                           f"{len(labels)} labels; expected (N, 28, 28) and N labels. {FIX}")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= N_CLASSES:
+        raise DatasetError(f"the {split} labels in {source} are not all in 0..9. {FIX}")
+    return images, labels
+
+
+# --- Splits and batches ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Splits:
+    """Normalized float images (N, 1, 28, 28) and labels for training and validation.
+
+    ``mean`` and ``std`` are the training split's pixel statistics (pixels scaled to [0, 1]);
+    a model exported for outside use carries them to normalize raw pixels itself.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    mean: float
+    std: float
+
+    def to(self, device: torch.device | str) -> Splits:
+        # Tensor.to returns the tensor itself when it is already there: calling this per trial is free.
+        return replace(self, **{name: getattr(self, name).to(device) for name in
+                                ("train_images", "train_labels", "val_images", "val_labels")})
+
+    @property
+    def background(self) -> float:
+        """The normalized value of a black (0) pixel: what padding must use."""
+        return -self.mean / self.std
+
+
+def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) -> Splits:
+    """Stratified validation split out of the training images; optional stratified training subset."""
+    labels = dataset.train_labels.numpy()
+    if val_size >= len(labels):
+        raise DatasetError(f"val_size={val_size} leaves no training images out of {len(labels)}.")
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_size, stratify=labels, random_state=SPLIT_SEED
+    )
+    train_pixels = dataset.train_images[train_idx].float().div_(255)
+    mean, std = train_pixels.mean().item(), train_pixels.std().item()
+    if 0 < train_subset < len(train_idx):
+        train_idx = train_test_split(train_idx, train_size=train_subset, stratify=labels[train_idx],
+                                     random_state=SPLIT_SEED)[0]
+    return Splits(
+        train_images=normalize(dataset.train_images[train_idx], mean, std),
+        train_labels=dataset.train_labels[train_idx],
+        val_images=normalize(dataset.train_images[val_idx], mean, std),
+        val_labels=dataset.train_labels[val_idx],
+        mean=mean,
+        std=std,
+    )
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), standardized with the training statistics."""
+    return ((images.float() / 255 - mean) / std).unsqueeze(1)
+
+
+def shuffled_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of a random permutation, made on the data's device. A final batch of one image is
+    dropped: batch norm cannot train on it."""
+    order = torch.randperm(len(labels), device=labels.device, generator=generator)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        if len(index) > 1:
+            yield images[index], labels[index]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, *, fill: float, pad: int = 2) -> torch.Tensor:
+    """Random crop with ``pad`` pixels of padding plus a random horizontal flip, for a whole batch at once.
+
+    Each image gets its own shift and flip, drawn from ``generator`` on the batch's device.
+    """
+    n, side = images.shape[0], images.shape[-1]
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad), value=fill)
+    shift_y = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+    shift_x = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+    span = torch.arange(side, device=device)
+    rows = (shift_y + span)[:, None, :, None]  # (n, 1, side, 1)
+    cols = (shift_x + span)[:, None, None, :]  # (n, 1, 1, side)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    cropped = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)

@@ -1,0 +1,86 @@
+"""The model families. Both take normalized images (N, 1, 28, 28) and return log-probabilities (N, 10)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+
+N_CLASSES = 10
+IMAGE_SIDE = 28
+
+
+class MLP(nn.Sequential):
+    """The notebook's network: Flatten, then per hidden width Linear -> BatchNorm -> ReLU -> Dropout,
+    then Linear -> LogSoftmax. With the default widths it is 784-512-256-128-10."""
+
+    def __init__(self, hidden_sizes=(512, 256, 128), *, dropout=0.2, batch_norm=True, n_classes=N_CLASSES):
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = IMAGE_SIDE * IMAGE_SIDE
+        for hidden in hidden_sizes:
+            layers.append(nn.Linear(width, hidden))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = hidden
+        layers += [nn.Linear(width, n_classes), nn.LogSoftmax(dim=1)]
+        super().__init__(*layers)
+
+
+class ConvBlock(nn.Module):
+    """3x3 convolution -> BatchNorm -> ReLU, with an identity skip when asked and shapes allow."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, residual: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.residual = residual and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(self.conv(x))
+        if self.residual:
+            out = out + x
+        return torch.relu(out)
+
+
+class CNN(nn.Module):
+    """Stages of 3x3 conv blocks, each stage ending in 2x2 max pooling and dropout, then a dense head.
+
+    ``channels`` gives one stage per entry (28 -> 14 -> 7 -> 3 pixels); ``residual`` adds an identity
+    skip around every block after a stage's first (the one that changes the channel count).
+    """
+
+    def __init__(self, channels=(32, 64), *, convs_per_stage=2, residual=False, head_width=128,
+                 dropout=0.2, n_classes=N_CLASSES):
+        super().__init__()
+        stages: list[nn.Module] = []
+        in_channels, side = 1, IMAGE_SIDE
+        for out_channels in channels:
+            blocks = [ConvBlock(in_channels if i == 0 else out_channels, out_channels, residual=residual)
+                      for i in range(convs_per_stage)]
+            stages += [*blocks, nn.MaxPool2d(2), nn.Dropout(dropout)]
+            in_channels, side = out_channels, side // 2
+        self.features = nn.Sequential(*stages)
+        flat = in_channels * side * side
+        head: list[nn.Module] = [nn.Flatten()]
+        if head_width:
+            head += [nn.Linear(flat, head_width), nn.BatchNorm1d(head_width), nn.ReLU(inplace=True),
+                     nn.Dropout(dropout)]
+            flat = head_width
+        head += [nn.Linear(flat, n_classes), nn.LogSoftmax(dim=1)]
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    if config.model == "mlp":
+        return MLP(config.hidden_sizes, dropout=config.dropout, batch_norm=config.batch_norm)
+    return CNN(config.cnn_channels, convs_per_stage=config.cnn_convs_per_stage, residual=config.cnn_residual,
+               head_width=config.cnn_head_width, dropout=config.dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

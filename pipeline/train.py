@@ -1,0 +1,205 @@
+"""The shared trainer. It knows nothing of Optuna or MLflow: ``on_epoch_end`` is its only door out.
+
+Data arrive as tensors (already normalized); they are moved to the device once, batched by
+slicing a random permutation there, and augmented a whole batch at a time. Per-step losses
+and hits are summed on the device and read once per epoch: each ``.item()`` is a device sync.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.data import Splits, augment, shuffled_batches
+from pipeline.models import build_model
+
+EVAL_BATCH_SIZE = 2048  # images per forward pass when evaluating; memory-bound, not a hyperparameter
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float  # mean training loss over the epoch, as optimized (label smoothing included)
+    train_accuracy: float  # fraction, measured on the fly in train mode (dropout on, augmented)
+    val_loss: float  # mean negative log-likelihood on the validation split
+    val_accuracy: float  # fraction
+    lr: float  # learning rate at the end of the epoch
+    train_seconds: float  # the optimization steps alone
+    epoch_seconds: float  # steps plus validation
+
+
+EpochCallback = Callable[[int, EpochMetrics], None]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # in eval mode, holding the best epoch's weights
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    best_epoch: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run cannot recover, so it stops."""
+
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
+        self.epoch = epoch
+        self.loss = loss
+
+
+def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
+          on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Train ``config`` on ``data``; return the history and the model at its best validation epoch.
+
+    ``on_epoch_end(epoch, metrics)`` runs after each epoch's validation; an exception raised there
+    (Optuna's TrialPruned, say) ends training and propagates to the caller.
+    """
+    device = torch.device(device)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)  # model initialization and dropout
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffling and augmentation
+
+    data = data.to(device)
+    model = build_model(config).to(device)
+    train_images = data.train_images
+    if device.type == "cuda" and config.model == "cnn":
+        # Convolutions on tensor cores prefer NHWC.
+        model = model.to(memory_format=torch.channels_last)
+        train_images = train_images.contiguous(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
+    autocast = _autocast(device)
+
+    result = TrainResult(model=model)
+    best_state: dict[str, torch.Tensor] | None = None
+    epochs_without_improvement = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for images, labels in shuffled_batches(train_images, data.train_labels, config.batch_size, generator):
+            if config.augment:
+                images = augment(images, generator, fill=data.background)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                log_probs = model(images)
+                loss = smoothed_nll(log_probs, labels, config.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            if config.schedule in ("onecycle", "cosine"):
+                scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            hits += (log_probs.argmax(dim=1) == labels).sum()
+            seen += len(labels)
+        train_loss = loss_sum.item() / seen  # the epoch's one sync
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(epoch, train_loss)
+        train_seconds = time.perf_counter() - epoch_started
+
+        val_loss, val_accuracy = evaluate(model, data.val_images, data.val_labels)
+        if config.schedule == "plateau":
+            scheduler.step(val_accuracy)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=hits.item() / seen,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            lr=optimizer.param_groups[0]["lr"],
+            train_seconds=train_seconds,
+            epoch_seconds=time.perf_counter() - epoch_started,
+        )
+        result.history.append(metrics)
+
+        if val_accuracy > result.best_val_accuracy:
+            result.best_val_accuracy, result.best_epoch = val_accuracy, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+        if config.patience and epochs_without_improvement >= config.patience:
+            result.stopped_early = True
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def smoothed_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy on log-probabilities with label smoothing: (1 - s) * NLL + s * mean over classes."""
+    nll = F.nll_loss(log_probs, labels)
+    if not smoothing:
+        return nll
+    return (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).mean()
+
+
+@torch.inference_mode()
+def predict_log_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (N, 10) in float32, evaluated in eval mode, a large batch at a time."""
+    model.eval()
+    device = next(model.parameters()).device
+    with _autocast(device):
+        outputs = [model(images[start:start + EVAL_BATCH_SIZE].to(device)).float()
+                   for start in range(0, len(images), EVAL_BATCH_SIZE)]
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean negative log-likelihood and accuracy (a fraction) of ``model`` on the given split."""
+    log_probs = predict_log_probs(model, images)
+    labels = labels.to(log_probs.device)
+    loss = F.nll_loss(log_probs, labels).item()
+    accuracy = (log_probs.argmax(dim=1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                               weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    # foreach: one multi-tensor kernel per step instead of one per parameter tensor.
+    return optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """OneCycle and cosine step per batch; reduce-on-plateau steps per epoch on validation accuracy."""
+    total_steps = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    return None
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast pays on GPUs; on CPUs without AMX it is slower than float32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny synthetic Fashion-MNIST in the original IDX layout, and small configs.
+
+Each synthetic class k is a bright horizontal bar at rows 2k..2k+3 over noise, so a model can
+learn it in one or two epochs; the folder carries a SHA256SUMS manifest so the loader accepts it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data import RAW_FILES, FashionMNIST, make_splits
+
+PER_CLASS_TRAIN = 60
+PER_CLASS_TEST = 20
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format: zero, zero, type 0x08 (unsigned byte), the number of dimensions, then each
+    dimension as a big-endian uint32, then the data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    images = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        images[i, 2 * label + 4:2 * label + 8, 4:24] = 230
+    return images.astype(np.uint8)
+
+
+def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_labels = rng.permutation(np.repeat(np.arange(10), PER_CLASS_TRAIN))
+    test_labels = rng.permutation(np.repeat(np.arange(10), PER_CLASS_TEST))
+    contents = {
+        "train-images-idx3-ubyte": idx_bytes(synthetic_images(train_labels, rng)),
+        "train-labels-idx1-ubyte": idx_bytes(train_labels),
+        "t10k-images-idx3-ubyte": idx_bytes(synthetic_images(test_labels, rng)),
+        "t10k-labels-idx1-ubyte": idx_bytes(test_labels),
+    }
+    manifest = []
+    for name in RAW_FILES:
+        content = contents[name]
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(content))
+        else:
+            (folder / name).write_bytes(content)
+        manifest.append(f"{hashlib.sha256(content).hexdigest()}  {name}")
+    (folder / "SHA256SUMS").write_text("\n".join(manifest) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("synthetic-fashion-mnist"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(synthetic_dir) -> FashionMNIST:
+    from pipeline.data import load_fashion_mnist
+
+    return load_fashion_mnist(synthetic_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_splits(synthetic_dataset):
+    return make_splits(synthetic_dataset, val_size=200)
+
+
+@pytest.fixture
+def tiny_config() -> TrainConfig:
+    """The real default config, shrunk: narrow layers, two epochs, CPU-sized batches."""
+    return TrainConfig(hidden_sizes=(64, 32), epochs=2, batch_size=32, lr=3e-3, val_size=200)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread, only overhead

@@ -1,0 +1,158 @@
+import hashlib
+
+import pytest
+import torch
+
+from pipeline import data
+from pipeline.data import (
+    DatasetError, FashionMNIST, augment, load_fashion_mnist, make_splits, normalize, shuffled_batches,
+)
+from tests.conftest import PER_CLASS_TEST, PER_CLASS_TRAIN, write_dataset
+
+
+def test_loads_the_idx_files_with_their_manifest(synthetic_dataset):
+    assert synthetic_dataset.train_images.shape == (10 * PER_CLASS_TRAIN, 28, 28)
+    assert synthetic_dataset.train_images.dtype == torch.uint8
+    assert torch.bincount(synthetic_dataset.train_labels).tolist() == [PER_CLASS_TRAIN] * 10
+    assert torch.bincount(synthetic_dataset.test_labels).tolist() == [PER_CLASS_TEST] * 10
+    assert len(synthetic_dataset.checksum) == 64
+
+
+def test_plain_and_gzipped_files_load_to_the_same_data(tmp_path, synthetic_dataset):
+    plain = load_fashion_mnist(write_dataset(tmp_path / "plain", compress=False))
+    assert torch.equal(plain.train_images, synthetic_dataset.train_images)
+    assert plain.checksum == synthetic_dataset.checksum
+
+
+def test_content_other_than_the_official_files_is_rejected_without_a_manifest(tmp_path):
+    folder = write_dataset(tmp_path / "unofficial")
+    (folder / "SHA256SUMS").unlink()
+    with pytest.raises(DatasetError, match="corrupt or truncated.*make data"):
+        load_fashion_mnist(folder)
+
+
+def test_a_truncated_gzip_file_gives_a_clear_error(tmp_path):
+    folder = write_dataset(tmp_path / "truncated")
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-300])
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz cannot be read.*truncated"):
+        load_fashion_mnist(folder)
+
+
+def test_a_flipped_byte_fails_the_checksum(tmp_path):
+    folder = write_dataset(tmp_path / "flipped", compress=False)
+    labels = folder / "train-labels-idx1-ubyte"
+    content = bytearray(labels.read_bytes())
+    content[20] ^= 1
+    labels.write_bytes(bytes(content))
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte is corrupt"):
+        load_fashion_mnist(folder)
+
+
+def test_a_file_shorter_than_its_header_says_is_rejected(tmp_path):
+    # The checksum in the manifest matches the short file: only the IDX structure can catch it.
+    folder = write_dataset(tmp_path / "short", compress=False)
+    images = folder / "t10k-images-idx3-ubyte"
+    short = images.read_bytes()[:-28 * 28]
+    images.write_bytes(short)
+    manifest = (folder / "SHA256SUMS").read_text().splitlines()
+    manifest = [line if not line.endswith(" t10k-images-idx3-ubyte")
+                else f"{hashlib.sha256(short).hexdigest()}  t10k-images-idx3-ubyte" for line in manifest]
+    (folder / "SHA256SUMS").write_text("\n".join(manifest))
+    with pytest.raises(DatasetError, match="test files .* are not valid IDX files"):
+        load_fashion_mnist(folder)
+
+
+def test_a_missing_dataset_names_where_it_looked_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "REPO_DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "usr-share")
+    with pytest.raises(DatasetError) as raised:
+        load_fashion_mnist()
+    message = str(raised.value)
+    assert str(tmp_path / "data") in message and str(tmp_path / "usr-share") in message
+    assert "make data" in message
+
+
+def test_the_environment_variable_is_used_alone(tmp_path, monkeypatch, synthetic_dir):
+    monkeypatch.setenv(data.ENV_VAR, str(synthetic_dir))
+    assert load_fashion_mnist().source == synthetic_dir
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="nowhere"):
+        load_fashion_mnist()
+
+
+def indexed_dataset(n_per_class=50) -> FashionMNIST:
+    """Images whose first two pixels spell their index, so splits can be checked for overlap."""
+    n = 10 * n_per_class
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0] = torch.arange(n) // 256
+    images[:, 0, 1] = torch.arange(n) % 256
+    return FashionMNIST(images, labels, images[:10], labels[:10], source=None, checksum="")
+
+
+def image_ids(normalized: torch.Tensor, mean: float, std: float) -> list[int]:
+    pixels = torch.round((normalized[:, 0, 0, :2] * std + mean) * 255).long()
+    return (pixels[:, 0] * 256 + pixels[:, 1]).tolist()
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    dataset = indexed_dataset()
+    splits = make_splits(dataset, val_size=100)
+    assert torch.bincount(splits.val_labels).tolist() == [10] * 10
+    train_ids = set(image_ids(splits.train_images, splits.mean, splits.std))
+    val_ids = set(image_ids(splits.val_images, splits.mean, splits.std))
+    assert len(train_ids) == 400 and len(val_ids) == 100
+    assert train_ids.isdisjoint(val_ids)
+    again = make_splits(dataset, val_size=100)
+    assert torch.equal(again.val_images, splits.val_images)
+
+
+def test_training_subset_is_stratified_and_leaves_validation_alone():
+    dataset = indexed_dataset()
+    full = make_splits(dataset, val_size=100)
+    subset = make_splits(dataset, val_size=100, train_subset=200)
+    assert torch.bincount(subset.train_labels).tolist() == [20] * 10
+    assert torch.equal(subset.val_images, full.val_images)
+
+
+def test_normalization_uses_the_training_split_statistics():
+    dataset = indexed_dataset()
+    splits = make_splits(dataset, val_size=100)
+    train_ids = image_ids(splits.train_images, splits.mean, splits.std)
+    train_pixels = dataset.train_images[train_ids].float() / 255
+    assert splits.mean == pytest.approx(train_pixels.mean().item(), rel=1e-5)
+    assert splits.std == pytest.approx(train_pixels.std().item(), rel=1e-5)
+    assert splits.train_images.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert splits.train_images.std().item() == pytest.approx(1.0, abs=1e-4)
+    # Validation images are standardized with the training statistics, not their own.
+    val_ids = image_ids(splits.val_images, splits.mean, splits.std)
+    expected = normalize(dataset.train_images[val_ids], splits.mean, splits.std)
+    assert torch.allclose(splits.val_images, expected, atol=1e-5)
+    assert splits.val_images.mean().item() != pytest.approx(0.0, abs=1e-7)
+
+
+def test_shuffled_batches_visit_every_image_once():
+    images = torch.arange(100).float().view(100, 1, 1, 1)
+    labels = torch.arange(100)
+    batches = list(shuffled_batches(images, labels, 32, torch.Generator().manual_seed(0)))
+    assert [len(y) for _, y in batches] == [32, 32, 32, 4]
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(100))
+    assert seen.tolist() != list(range(100))  # shuffled
+    assert all(torch.equal(x.view(-1), y.float()) for x, y in batches)  # images stay with their labels
+
+
+def test_augmentation_shifts_and_flips_each_image_within_the_padding():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 28, 28, generator=generator)
+    out = augment(images, generator, fill=-1.0, pad=2)
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), value=-1.0)
+    candidates = lambda i: [c for dy in range(5) for dx in range(5)
+                            for c in (padded[i, :, dy:dy + 28, dx:dx + 28],
+                                      padded[i, :, dy:dy + 28, dx:dx + 28].flip(-1))]
+    for i in range(len(images)):
+        assert any(torch.equal(out[i], c) for c in candidates(i)), f"image {i} is not a shift/flip of itself"
+    assert not torch.equal(out, images)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.models import CNN, MLP, build_model, count_parameters
+
+
+def linear(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def test_the_notebook_mlp_has_its_layers_and_parameter_count():
+    model = MLP()
+    # 784-512-256-128-10 with a batch norm (scale and shift) after each hidden layer.
+    expected = (linear(784, 512) + 2 * 512 + linear(512, 256) + 2 * 256 + linear(256, 128) + 2 * 128
+                + linear(128, 10))
+    assert count_parameters(model) == expected
+    assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [512, 256, 128, 10]
+    assert isinstance(model[-1], torch.nn.LogSoftmax)
+
+
+@pytest.mark.parametrize("config", [
+    TrainConfig(),
+    TrainConfig(hidden_sizes=(32,), batch_norm=False, dropout=0.0),
+    TrainConfig(model="cnn"),
+    TrainConfig(model="cnn", cnn_channels=(8, 16, 32), cnn_convs_per_stage=3, cnn_residual=True, cnn_head_width=0),
+], ids=["mlp", "mlp-narrow", "cnn", "cnn-residual-3-stages"])
+def test_models_map_images_to_log_probabilities(config):
+    model = build_model(config).eval()
+    log_probs = model(torch.randn(5, 1, 28, 28))
+    assert log_probs.shape == (5, 10)
+    assert torch.allclose(log_probs.exp().sum(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_cnn_parameter_count_follows_its_shape():
+    model = CNN((8, 16), convs_per_stage=2, head_width=32)
+    conv = lambda c_in, c_out: 9 * c_in * c_out + 2 * c_out  # bias-free conv + batch norm
+    expected = (conv(1, 8) + conv(8, 8) + conv(8, 16) + conv(16, 16)
+                + linear(16 * 7 * 7, 32) + 2 * 32 + linear(32, 10))
+    assert count_parameters(model) == expected
+
+
+def test_residual_blocks_add_skips_without_parameters():
+    plain = CNN((8, 16), convs_per_stage=3, residual=False)
+    residual = CNN((8, 16), convs_per_stage=3, residual=True)
+    assert count_parameters(plain) == count_parameters(residual)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    residual.load_state_dict(plain.state_dict())
+    assert not torch.allclose(plain.eval()(x), residual.eval()(x))

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.train import NonFiniteLossError, evaluate, train
+
+
+def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
+    result = train(tiny_config.replace(epochs=3), synthetic_splits, device="cpu")
+    losses = [m.train_loss for m in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best_val_accuracy > 0.9
+    assert [m.epoch for m in result.history] == [1, 2, 3]
+    assert all(m.train_seconds <= m.epoch_seconds for m in result.history)
+
+
+def test_the_returned_model_holds_the_best_epoch_weights(synthetic_splits, tiny_config):
+    result = train(tiny_config.replace(epochs=3), synthetic_splits, device="cpu")
+    _, accuracy = evaluate(result.model, synthetic_splits.val_images, synthetic_splits.val_labels)
+    assert accuracy == pytest.approx(result.best_val_accuracy)
+    assert result.best_val_accuracy == max(m.val_accuracy for m in result.history)
+    assert not result.model.training
+
+
+def test_two_seeded_runs_give_identical_weights(synthetic_splits, tiny_config):
+    config = tiny_config.replace(augment=True)
+    first = train(config, synthetic_splits, device="cpu").model.state_dict()
+    second = train(config, synthetic_splits, device="cpu").model.state_dict()
+    other_seed = train(config.replace(seed=1), synthetic_splits, device="cpu").model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other_seed[k]) for k in first)
+
+
+def test_a_non_finite_loss_raises_the_dedicated_error(synthetic_splits, tiny_config):
+    images = synthetic_splits.train_images.clone()
+    images[7] = math.nan
+    poisoned = type(synthetic_splits)(images, synthetic_splits.train_labels, synthetic_splits.val_images,
+                                      synthetic_splits.val_labels, synthetic_splits.mean, synthetic_splits.std)
+    calls = []
+    with pytest.raises(NonFiniteLossError) as raised:
+        train(tiny_config, poisoned, device="cpu", on_epoch_end=lambda epoch, m: calls.append(epoch))
+    assert raised.value.epoch == 1 and calls == []
+    assert "lower the learning rate" in str(raised.value)
+
+
+def test_the_callback_runs_once_per_epoch_and_can_stop_training(synthetic_splits, tiny_config):
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch_end(epoch, metrics):
+        calls.append((epoch, metrics.val_accuracy))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_config.replace(epochs=5), synthetic_splits, device="cpu", on_epoch_end=on_epoch_end)
+    assert [epoch for epoch, _ in calls] == [1, 2]
+    assert all(0.0 <= accuracy <= 1.0 for _, accuracy in calls)
+
+
+def test_patience_stops_a_run_that_no_longer_improves(synthetic_splits, tiny_config):
+    # A learning rate this small leaves validation accuracy flat after the first epoch.
+    config = tiny_config.replace(epochs=10, patience=2, lr=1e-9, schedule="none")
+    result = train(config, synthetic_splits, device="cpu")
+    assert result.stopped_early
+    assert result.epochs_run < 10
+    assert result.epochs_run - result.best_epoch == 2
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "plateau", "none"])
+def test_every_optimizer_and_schedule_trains(synthetic_splits, tiny_config, optimizer, schedule):
+    lr = 0.05 if optimizer == "sgd" else 3e-3
+    config = tiny_config.replace(optimizer=optimizer, schedule=schedule, lr=lr, epochs=2)
+    result = train(config, synthetic_splits, device="cpu")
+    assert result.best_val_accuracy > 0.5
+    if schedule in ("onecycle", "cosine"):
+        assert result.history[-1].lr < lr / 10  # annealed by the end
+
+
+def test_the_cnn_trains_through_the_same_trainer(synthetic_splits, tiny_config):
+    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_head_width=16, augment=True)
+    result = train(config, synthetic_splits, device="cpu")
+    assert result.best_val_accuracy > 0.5
