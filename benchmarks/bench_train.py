@@ -36,7 +36,7 @@ NOTEBOOK_LIKE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="none
 
 
 def notebook_samples_per_second(n_images: int, batch_size: int, mean: float, std: float) -> float:
-    with verified_torchvision_root() as root:
+    with verified_torchvision_root() as (root, _source, _checksum):
         dataset = TorchvisionFashionMNIST(
             root, train=True, transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
         )
@@ -76,7 +76,7 @@ def main() -> None:
     splits = make_splits(dataset, val_size=10_000)
     n_train = len(splits.train_labels)
 
-    print(f"\n1. training throughput, batch {args.batch_size}, one epoch of {n_train:,} images")
+    print(f"\n1. training throughput, batch {args.batch_size}, one epoch of {n_train:,} images", flush=True)
     notebook = notebook_samples_per_second(n_train, args.batch_size, splits.mean, splits.std)
     print(f"   notebook loop (Dataset + DataLoader, CPU)  {notebook:9,.0f} samples/s")
     config = TrainConfig(batch_size=args.batch_size, **NOTEBOOK_LIKE)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 ModelFamily = Literal["mlp", "cnn"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["onecycle", "cosine", "plateau", "none"]
+AugmentName = Literal["none", "flip", "crop-flip"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ class TrainConfig:
     model: ModelFamily = "mlp"
     hidden_sizes: tuple[int, ...] = (512, 256, 128)  # MLP hidden widths: the notebook's 784-512-256-128-10
     batch_norm: bool = True
-    dropout: float = 0.2  # probability, applied after every hidden layer / conv stage
+    dropout: float = 0.1  # probability, applied after every hidden layer / conv stage
     cnn_channels: tuple[int, ...] = (32, 64)  # one stage per entry; each stage halves the image side
     cnn_convs_per_stage: int = 2
     cnn_residual: bool = False  # identity skip around every conv after a stage's first
@@ -44,7 +45,7 @@ class TrainConfig:
     patience: int = 0  # early stopping for stand-alone runs, in epochs without improvement; 0: off
 
     # Data.
-    augment: bool = False  # random crop (2 px padding) + horizontal flip, on the device, per batch
+    augment: AugmentName = "none"  # "flip": random horizontal flips; "crop-flip": plus random shifts of up to 2 px
     val_size: int = 10_000  # images held out of the 60,000 training images for validation
     train_subset: int = 0  # train on this many images only (0: all), for cheap runs
     seed: int = 0

@@ -248,20 +248,20 @@ def shuffled_batches(
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, *, fill: float, pad: int = 2) -> torch.Tensor:
-    """Random crop with ``pad`` pixels of padding plus a random horizontal flip, for a whole batch at once.
-
-    Each image gets its own shift and flip, drawn from ``generator`` on the batch's device.
-    """
+    """A random horizontal flip and, when ``pad`` > 0, a random crop of the image padded by ``pad``
+    pixels of ``fill``: each image of the batch gets its own shift and flip, drawn from ``generator``
+    on the batch's device, in a handful of whole-batch tensor operations."""
     n, side = images.shape[0], images.shape[-1]
     device = images.device
-    padded = F.pad(images, (pad, pad, pad, pad), value=fill)
-    shift_y = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
-    shift_x = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
-    span = torch.arange(side, device=device)
-    rows = (shift_y + span)[:, None, :, None]  # (n, 1, side, 1)
-    cols = (shift_x + span)[:, None, None, :]  # (n, 1, 1, side)
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
-    cropped = padded[batch, channel, rows, cols]
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad), value=fill)
+        shift_y = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+        shift_x = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+        span = torch.arange(side, device=device)
+        rows = (shift_y + span)[:, None, :, None]  # (n, 1, side, 1)
+        cols = (shift_x + span)[:, None, None, :]  # (n, 1, 1, side)
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]
     flip = torch.rand(n, device=device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

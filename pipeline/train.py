@@ -96,8 +96,9 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
         hits = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for images, labels in shuffled_batches(train_images, data.train_labels, config.batch_size, generator):
-            if config.augment:
-                images = augment(images, generator, fill=data.background)
+            if config.augment != "none":
+                crop_padding = 2 if config.augment == "crop-flip" else 0
+                images = augment(images, generator, fill=data.background, pad=crop_padding)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 log_probs = model(images)
@@ -182,8 +183,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
                                weight_decay=config.weight_decay)
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    # foreach: one multi-tensor kernel per step instead of one per parameter tensor.
-    return optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop over tensors.
+    return optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

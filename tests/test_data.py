@@ -156,3 +156,13 @@ def test_augmentation_shifts_and_flips_each_image_within_the_padding():
     for i in range(len(images)):
         assert any(torch.equal(out[i], c) for c in candidates(i)), f"image {i} is not a shift/flip of itself"
     assert not torch.equal(out, images)
+
+
+def test_flip_only_augmentation_keeps_every_pixel_row():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(32, 1, 28, 28, generator=generator)
+    out = augment(images, generator, fill=0.0, pad=0)
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(32)]
+    kept = [torch.equal(out[i], images[i]) for i in range(32)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 0 < sum(flipped) < 32

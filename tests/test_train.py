@@ -24,7 +24,7 @@ def test_the_returned_model_holds_the_best_epoch_weights(synthetic_splits, tiny_
 
 
 def test_two_seeded_runs_give_identical_weights(synthetic_splits, tiny_config):
-    config = tiny_config.replace(augment=True)
+    config = tiny_config.replace(augment="crop-flip")
     first = train(config, synthetic_splits, device="cpu").model.state_dict()
     second = train(config, synthetic_splits, device="cpu").model.state_dict()
     other_seed = train(config.replace(seed=1), synthetic_splits, device="cpu").model.state_dict()
@@ -82,6 +82,6 @@ def test_every_optimizer_and_schedule_trains(synthetic_splits, tiny_config, opti
 
 
 def test_the_cnn_trains_through_the_same_trainer(synthetic_splits, tiny_config):
-    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_head_width=16, augment=True)
+    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_head_width=16, augment="crop-flip")
     result = train(config, synthetic_splits, device="cpu")
     assert result.best_val_accuracy > 0.5

@@ -1,0 +1,58 @@
+"""The command line as a user runs it: a subprocess, on the synthetic dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.data import ENV_VAR
+
+
+def run_cli(*args, data_dir, timeout=300):
+    env = {**os.environ, ENV_VAR: str(data_dir)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_train_json_reports_the_three_accuracies(synthetic_dir):
+    done = run_cli("train", "--epochs", "2", "--set", "val_size=200", "--set", "hidden_sizes=64,32",
+                   "--set", "batch_size=32", "--device", "cpu", "--json", data_dir=synthetic_dir)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert 0.5 < report[key] <= 1.0, key
+    assert report["epochs"] == 2 and report["device"] == "cpu" and report["seconds"] > 0
+    assert report["config"]["hidden_sizes"] == [64, 32] and report["config"]["batch_size"] == 32
+    assert "epoch   2/2" in done.stderr  # progress goes to stderr, so stdout is pure JSON
+    assert len(done.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("setting, named", [("nope=1", "nope"), ("dropout=1.5", "dropout"),
+                                            ("batch_size=many", "batch_size"), ("optimizer=lbfgs", "optimizer")])
+def test_a_bad_setting_is_one_line_naming_the_key(synthetic_dir, setting, named):
+    done = run_cli("train", "--set", setting, data_dir=synthetic_dir)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], done.stderr
+
+
+def test_a_truncated_dataset_is_one_clear_error(tmp_path):
+    from tests.conftest import write_dataset
+
+    folder = write_dataset(tmp_path / "broken")
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[: len(images.read_bytes()) // 2])
+    done = run_cli("train", "--epochs", "1", data_dir=folder)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "truncated" in done.stderr and "make data" in done.stderr
+
+
+def test_a_missing_dataset_is_one_clear_error(tmp_path):
+    done = run_cli("train", "--epochs", "1", data_dir=tmp_path / "empty")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "not found" in done.stderr and "make data" in done.stderr
