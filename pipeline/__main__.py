@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # the known failures below get one line, anything else a traceback
         from pipeline.data import DatasetError
+        from pipeline.study_file import StudyFileError
         from pipeline.train import NonFiniteLossError
 
-        if isinstance(error, (DatasetError, NonFiniteLossError)):
+        if isinstance(error, (DatasetError, NonFiniteLossError, StudyFileError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
@@ -50,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true",
                        help="print one JSON object on the last line of stdout (progress goes to stderr)")
     train.set_defaults(handler=run_train)
+
+    tune = commands.add_parser(
+        "tune", help="run or resume an Optuna study from studies/<name>.toml",
+        description="Run or resume a study until it has --trials finished (complete or pruned) trials or "
+                    "--timeout seconds pass. Ctrl-C stops within seconds; run it again to continue.")
+    tune.add_argument("--study", default="mlp", help="a study name (studies/<name>.toml) or a path (default: mlp)")
+    tune.add_argument("--trials", type=int, help="finished trials the study should reach (default: the study file's)")
+    tune.add_argument("--timeout", type=float, help="seconds for this session (default: the study file's)")
+    tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
+    tune.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
+    tune.add_argument("--device", default="auto", help="auto, cpu, cuda; with several GPUs, one worker per GPU")
+    tune.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    tune.set_defaults(handler=run_tune)
     return parser
 
 
@@ -125,6 +139,33 @@ def run_train(args: argparse.Namespace) -> int:
             "config": config.to_dict(),
             "history": [asdict(m) for m in result.history],
         }))
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from pipeline.search import Session, format_summary, run_session, storage_url
+    from pipeline.study_file import load_study
+
+    spec = load_study(args.study)  # a bad study file fails here, before any worker starts
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    session = Session(
+        study_file=str(spec.path), storage=storage_url(args.storage),
+        trials=args.trials or spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
+        workers=args.workers, device=args.device,
+    )
+    budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
+    print(f"Study {spec.name} ({spec.path.name}) in {session.storage}: up to {session.trials} finished trials, "
+          f"{budget}, {session.workers} worker(s)", flush=True)
+    try:
+        summary = run_session(session)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are kept in {session.storage}; "
+              f"run the same command again to continue study {spec.name}", file=sys.stderr)
+        return 130
+    print("\n" + format_summary(summary))
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 

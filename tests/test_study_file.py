@@ -1,0 +1,100 @@
+import pytest
+from optuna.trial import FixedTrial
+
+from pipeline.config import TrainConfig
+from pipeline.study_file import StudyFileError, available_studies, load_study
+
+SHIPPED = ["cnn", "mlp", "mlp-random"]
+
+
+def test_the_promised_studies_ship():
+    assert set(SHIPPED) <= set(available_studies())
+
+
+def lowest_params(spec):
+    """Parameters at the low end of every range: the smallest configuration the space allows."""
+    params = {}
+    for p in spec.space:
+        if p.type == "categorical":
+            params[p.name] = p.choices[0]
+        elif p.type == "layers":
+            params.update(p.as_params((p.width[0],) * p.depth[0]))
+        else:
+            params[p.name] = p.low
+    return params
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_study_loads_and_its_space_builds_configs(name):
+    spec = load_study(name)
+    assert spec.name == name and spec.direction == "maximize"
+    assert spec.path.read_text().startswith(f"# {name}:")  # says what it tests and how to run it
+    searched = {p.name for p in spec.space}
+    assert {"lr", "dropout", "batch_size"} <= searched
+    assert searched & {"hidden_sizes", "cnn_channels"}
+    config = spec.config_for(FixedTrial(lowest_params(spec)))
+    assert isinstance(config, TrainConfig) and config.model == spec.fixed["model"]
+    for enqueued in spec.enqueue:
+        assert spec.config_for(FixedTrial(enqueued)).epochs == spec.max_epochs
+    spec.make_sampler(), spec.make_pruner()
+
+
+def test_the_mlp_study_starts_from_the_default_configuration():
+    spec = load_study("mlp")
+    first = spec.config_for(FixedTrial(spec.enqueue[0]))
+    assert first.replace(epochs=TrainConfig().epochs) == TrainConfig()
+
+
+def test_mlp_random_is_mlp_with_random_sampling_and_no_pruning():
+    mlp, random = load_study("mlp"), load_study("mlp-random")
+    assert random.space == mlp.space and random.fixed == mlp.fixed
+    assert random.sampler["name"] == "random" and random.pruner["name"] == "none"
+
+
+VALID = """
+trials = 3
+[fixed]
+model = "mlp"
+[search]
+lr = { type = "float", low = 1e-4, high = 1e-2, log = true }
+[sampler]
+name = "tpe"
+[pruner]
+name = "median"
+"""
+
+
+@pytest.mark.parametrize("change, key, hint", [
+    (("trials = 3", "trails = 3"), "trails", "unknown key"),
+    (("trials = 3", 'trials = "many"'), "trials", "positive integer"),
+    (("low = 1e-4", 'low = "small"'), "search.lr.low", "must be a number"),
+    (("low = 1e-4, high = 1e-2", "low = 1e-2, high = 1e-4"), "search.lr", "empty range"),
+    (("low = 1e-4", "low = 0.0"), "search.lr.log", "log scale needs low > 0"),
+    (('name = "tpe"', 'name = "bayes"'), "sampler.name", "tpe, random, gp, cmaes, qmc"),
+    (('name = "median"', 'name = "early"'), "pruner.name", "median, successive_halving, hyperband, none"),
+    (("[search]\nlr", "[search]\nlearning_rate"), "search.learning_rate", "not a config field"),
+    (('type = "float"', 'type = "real"'), "search.lr.type", "float, int, categorical, layers"),
+    (('model = "mlp"', 'model = "rnn"'), "fixed", "'model'"),
+    (('name = "median"', 'name = "median"\nn_warmup_steps = -1'), "pruner", "median"),
+])
+def test_a_bad_study_file_names_the_file_the_key_and_what_is_allowed(tmp_path, change, key, hint):
+    old, new = change
+    assert old in VALID
+    path = tmp_path / "broken.toml"
+    path.write_text(VALID.replace(old, new, 1))
+    with pytest.raises(StudyFileError) as raised:
+        load_study(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: {key}")
+    assert hint in message
+
+
+def test_the_valid_template_loads(tmp_path):
+    path = tmp_path / "fine.toml"
+    path.write_text(VALID)
+    assert load_study(path).trials == 3
+
+
+def test_a_missing_study_lists_the_ones_there_are():
+    with pytest.raises(StudyFileError, match="no such study file.*mlp"):
+        load_study("nope")
