@@ -12,7 +12,7 @@ import signal
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -22,6 +22,7 @@ from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.study_file import STUDIES_DIR, StudySpec, load_study
 from pipeline.train import NonFiniteLossError, train
+from pipeline.tracking import NullTrialTracker
 
 STORAGE_ENV = "OPTUNA_STORAGE"
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR / 'optuna.db'}"  # one file: the dashboard shows every study
@@ -96,10 +97,11 @@ class Objective:
     (val_size, train_subset), not per trial.
     """
 
-    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device):
+    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=NullTrialTracker):
         self.spec = spec
         self.dataset = dataset
         self.device = device
+        self.new_tracker = new_tracker  # () -> a TrialTracker (MLflow) or a NullTrialTracker
         self._splits: dict[tuple[int, int], Splits] = {}
 
     def splits_for(self, val_size: int, train_subset: int) -> Splits:
@@ -113,27 +115,52 @@ class Objective:
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
         epochs_run = 0
+        tracker = self.new_tracker()
+        run_id = tracker.start(trial.number, config, trial.params)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)  # and the run carries the study and trial as tags
 
         def on_epoch_end(epoch, metrics):
             nonlocal epochs_run
             epochs_run = epoch
+            tracker.log_epoch(metrics)
             trial.report(metrics.val_accuracy, epoch)
             if trial.should_prune():
+                tracker.pruned(epoch)
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_accuracy {metrics.val_accuracy:.4f}")
 
         try:
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end)
         except NonFiniteLossError as error:
             trial.set_user_attr("fail_reason", str(error))
+            tracker.failed(str(error))
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # the next session runs these parameters again
+            tracker.failed("interrupted (Ctrl-C)")
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            tracker.failed(repr(error))
             raise
         finally:
             trial.set_user_attr("epochs_run", epochs_run)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
         trial.set_user_attr("best_epoch", result.best_epoch)
+        # The model is logged only when the trial beats the study's best so far: the best trial
+        # always has one, and the cost stays off the trials that cannot be promoted.
+        model_uri = tracker.complete(result, splits, log_model=_improves_on_best(trial, result.best_val_accuracy))
+        if model_uri:
+            trial.set_user_attr("model_uri", model_uri)
         return result.best_val_accuracy
+
+
+def _improves_on_best(trial: optuna.Trial, value: float) -> bool:
+    try:
+        return value > trial.study.best_value
+    except ValueError:  # no complete trial yet
+        return True
 
 
 @dataclass(frozen=True)
@@ -146,6 +173,9 @@ class Session:
     timeout: float | None  # seconds for this session
     workers: int = 1
     device: str = "auto"
+    tracking: bool = True  # MLflow runs, figures, models and promotion
+    experiment_id: str | None = None  # set by run_session: where the workers' trial runs go
+    parent_run_id: str | None = None
 
 
 def run_session(session: Session) -> dict:
@@ -156,11 +186,36 @@ def run_session(session: Session) -> dict:
     storage = open_storage(session.storage)
     study = prepare_study(spec, storage)
     started = time.time()
-    if session.workers == 1:
-        _work(session, worker=0, started=started)
-    else:
-        _run_worker_processes(session, started)
-    return summarize(study, spec, seconds=time.time() - started)
+    session_tracker = None
+    if session.tracking:
+        from pipeline.tracking import SessionTracker, configure_mlflow
+
+        configure_mlflow()
+        session_tracker = SessionTracker(spec.name, _study_tags(spec, session.storage))
+        session = replace(session, experiment_id=session_tracker.experiment_id,
+                          parent_run_id=session_tracker.run_id)
+    try:
+        if session.workers == 1:
+            _work(session, worker=0, started=started)
+        else:
+            _run_worker_processes(session, started)
+    except KeyboardInterrupt:
+        if session_tracker:
+            session_tracker.finish(study, summarize(study, spec, seconds=time.time() - started), status="KILLED")
+        raise
+    summary = summarize(study, spec, seconds=time.time() - started)
+    if session_tracker:
+        from pipeline.tracking import promote_best
+
+        summary["promotion"] = promote_best(study, spec.name)
+        session_tracker.finish(study, summary)
+        summary["mlflow_parent_run_id"] = session_tracker.run_id
+    return summary
+
+
+def _study_tags(spec: StudySpec, storage: str) -> dict[str, str]:
+    return {"study": spec.name, "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
+            "optuna_storage": storage.split("@")[-1]}  # no password in a tag
 
 
 def _run_worker_processes(session: Session, started: float) -> None:
@@ -199,6 +254,7 @@ def _work(session: Session, *, worker: int, started: float) -> None:
     configure_cpu_threads(session.workers)
     study = open_study(spec, open_storage(session.storage), worker=worker)
     objective = None
+    new_tracker = NullTrialTracker
     deadline = None if session.timeout is None else started + session.timeout
     while True:
         # Failed trials do not count towards the budget, so go round until enough have finished.
@@ -206,7 +262,11 @@ def _work(session: Session, *, worker: int, started: float) -> None:
         seconds_left = None if deadline is None else deadline - time.time()
         if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
             return
-        objective = objective or Objective(spec, load_fashion_mnist(), device)
+        if objective is None:
+            dataset = load_fashion_mnist()
+            if session.tracking:
+                new_tracker = _trial_trackers(session, spec, device, dataset.checksum)
+            objective = Objective(spec, dataset, device, new_tracker)
         before = len(study.get_trials(deepcopy=False, states=FINISHED))
         study.optimize(
             objective,
@@ -221,6 +281,34 @@ def _work(session: Session, *, worker: int, started: float) -> None:
         if len(study.get_trials(deepcopy=False, states=FINISHED)) == before:
             print(f"worker {worker}: {remaining} trials in a row failed; stopping", flush=True)
             return
+
+
+def _trial_trackers(session: Session, spec: StudySpec, device, dataset_checksum: str):
+    """A factory of MLflow trial trackers for this worker process, all under the session's parent run."""
+    from pipeline.tracking import TrialTracker, configure_mlflow, environment_tags
+
+    configure_mlflow()  # spawned workers start with MLflow unconfigured
+    tags = {**_study_tags(spec, session.storage), **environment_tags(), "device": str(device),
+            "dataset_checksum": dataset_checksum}
+    return lambda: TrialTracker(session.experiment_id, session.parent_run_id, tags)
+
+
+def study_figures(study: optuna.Study) -> dict:
+    """Optuna's plotly figures for the study; a figure its trials cannot support yet is left out."""
+    from optuna import visualization
+
+    figures = {}
+    for name, plot in (("optimization_history", visualization.plot_optimization_history),
+                       ("param_importances", visualization.plot_param_importances),
+                       ("parallel_coordinate", visualization.plot_parallel_coordinate),
+                       ("intermediate_values", visualization.plot_intermediate_values)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "too few trials to compute importances" and the like
+                figures[name] = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            pass  # e.g. parameter importances need two complete trials with different values
+    return figures
 
 
 class ProgressLine:
@@ -284,6 +372,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Epochs: {summary['epochs_run']} run of {summary['epochs_budget']} that the finished trials "
                      f"could have used: pruning saved {saved} ({saved / summary['epochs_budget']:.0%})")
     lines.append(f"Wall time this session: {_clock(summary['session_seconds'])}")
+    promotion = summary.get("promotion")
+    if promotion:
+        lines.append(f"Registry: {promotion['model']} version {promotion['version']} "
+                     f"({promotion['val_accuracy']:.2%} validation): {promotion['outcome']}")
     return "\n".join(lines)
 
 

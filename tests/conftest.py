@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import RAW_FILES, FashionMNIST, make_splits
+from pipeline.data import ENV_VAR, RAW_FILES, FashionMNIST, make_splits
 
 PER_CLASS_TRAIN = 60
 PER_CLASS_TEST = 20
@@ -77,9 +78,23 @@ def synthetic_splits(synthetic_dataset):
 
 
 @pytest.fixture
+def synthetic_env(monkeypatch, synthetic_dir) -> dict[str, str]:
+    """The synthetic dataset as the one the pipeline finds, here and in subprocesses."""
+    monkeypatch.setenv(ENV_VAR, str(synthetic_dir))
+    return {**os.environ, ENV_VAR: str(synthetic_dir)}
+
+
+@pytest.fixture
 def tiny_config() -> TrainConfig:
     """The real default config, shrunk: narrow layers, two epochs, CPU-sized batches."""
     return TrainConfig(hidden_sizes=(64, 32), epochs=2, batch_size=32, lr=3e-3, val_size=200)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_store(tmp_path, monkeypatch):
+    """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(autouse=True)

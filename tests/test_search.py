@@ -10,63 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.data import ENV_VAR
 from pipeline.search import Session, format_summary, run_session
-
-TINY_STUDY = """
-# tiny: a seconds-long study on synthetic data. Run: python -m pipeline tune --study {path}
-trials = {trials}
-[fixed]
-model = "mlp"
-epochs = {epochs}
-val_size = 200
-batch_size = 32
-hidden_sizes = {hidden}
-schedule = "none"
-[search]
-lr = {{ type = "float", low = 1e-7, high = 1e-2, log = true }}
-optimizer = {{ type = "categorical", choices = ["adam", "sgd"] }}
-[sampler]
-name = "tpe"
-seed = 0
-[pruner]
-name = "median"
-n_startup_trials = 1
-n_warmup_steps = 0
-{enqueue}
-"""
-# A good trial first, then one that cannot learn (pruned after its first epoch), then one that diverges.
-ENQUEUE = """
-[[enqueue]]
-lr = 3e-3
-optimizer = "adam"
-[[enqueue]]
-lr = 1e-7
-optimizer = "adam"
-[[enqueue]]
-lr = 1e6
-optimizer = "sgd"
-"""
-
-
-def write_study(folder, *, trials=6, epochs=4, hidden="[32]", enqueue=ENQUEUE, lr_high=None):
-    path = folder / "tiny.toml"
-    text = TINY_STUDY.format(path=path, trials=trials, epochs=epochs, hidden=hidden, enqueue=enqueue)
-    if lr_high:
-        text = text.replace("high = 1e-2", f"high = {lr_high}")
-    path.write_text(text)
-    return path
-
-
-def storage_in(folder):
-    return f"sqlite:///{folder / 'optuna.db'}"
-
-
-@pytest.fixture
-def synthetic_env(monkeypatch, synthetic_dir):
-    monkeypatch.setenv(ENV_VAR, str(synthetic_dir))
-    return {**os.environ, ENV_VAR: str(synthetic_dir)}
-
+from tests.tiny_study import storage_in, write_study
 
 def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, synthetic_env):
     study_file = write_study(tmp_path, lr_high=1e7)
