@@ -9,11 +9,15 @@ ARGS ?=
 STUDY ?= mlp
 WORKERS ?= 1
 DASHBOARD_PORT ?= 8080
+UI_PORT ?= 5000
+# MLflow: $MLFLOW_TRACKING_URI when set (an `mlflow server`, say), else the local store under mlruns/.
+TRACKING_URI = $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
+export MLFLOW_DISABLE_TELEMETRY = true
 # The studies' storage: STORAGE=... for make, else $OPTUNA_STORAGE, else the SQLite file under studies/.
 TUNE_STORAGE = $(or $(STORAGE),$(OPTUNA_STORAGE),sqlite:///studies/optuna.db)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train tune dashboard test bench clean
+.PHONY: help install data train tune evaluate-best dashboard ui test bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,14 +40,22 @@ tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn TRIALS=n TIMEOUT=s
 	$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) --storage $(TUNE_STORAGE) \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
 
+evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
+	$(PY) -m pipeline evaluate-best --prune-sweep $(ARGS)
+
 dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080)
 	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) $(TUNE_STORAGE)
+
+ui: $(INSTALLED) ## the MLflow UI on the tracking store, at 127.0.0.1 (UI_PORT=5000)
+	$(VENV)/bin/mlflow server --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlruns/artifacts \
+		--host 127.0.0.1 --port $(UI_PORT)
 
 test: data ## run the test suite (includes the real-data tests)
 	$(PY) -m pytest $(ARGS)
 
-bench: data ## throughput against the notebook's DataLoader loop, and time to 90.30 % test accuracy
+bench: data ## trainer vs the notebook's loop, time to 90.30 % test accuracy, MLflow's cost to a study
 	$(PY) benchmarks/bench_train.py $(ARGS)
+	$(PY) benchmarks/bench_tracking.py
 
-clean: ## remove the virtualenv and generated state (keeps studies/*.toml)
+clean: ## remove the virtualenv, data/ and reports/ (keeps studies and mlruns)
 	rm -rf $(VENV) data reports

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from pipeline.config import ConfigError, TrainConfig
 
@@ -23,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # the known failures below get one line, anything else a traceback
         from pipeline.data import DatasetError
+        from pipeline.evaluate import RegistryError
         from pipeline.study_file import StudyFileError
         from pipeline.train import NonFiniteLossError
 
-        if isinstance(error, (DatasetError, NonFiniteLossError, StudyFileError)):
+        if isinstance(error, (DatasetError, NonFiniteLossError, StudyFileError, RegistryError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
@@ -62,8 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
     tune.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
     tune.add_argument("--device", default="auto", help="auto, cpu, cuda; with several GPUs, one worker per GPU")
+    tune.add_argument("--no-tracking", dest="tracking", action="store_false",
+                      help="no MLflow runs, models or promotion (Optuna storage only)")
     tune.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     tune.set_defaults(handler=run_tune)
+
+    best = commands.add_parser(
+        "evaluate-best", help="evaluate a registered model (the champion) on the test set",
+        description="Load a registered model from MLflow as an outside client would and evaluate it on the "
+                    "10,000 test images: terminal report, reports/<model>-v<version>/report.html, metrics.json, "
+                    "and an MLflow evaluation run.")
+    best.add_argument("--model", default="fashion-mnist-classifier", help="registered model name")
+    which = best.add_mutually_exclusive_group()
+    which.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    which.add_argument("--version", type=int, help="a version number instead of an alias")
+    best.add_argument("--prune-sweep", action="store_true",
+                      help="also report test accuracy with 0-90 %% of the weights pruned by global magnitude")
+    best.add_argument("--reports-dir", type=Path, help="where <model>-v<version>/ goes (default: reports/)")
+    best.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    best.set_defaults(handler=run_evaluate_best)
     return parser
 
 
@@ -152,7 +171,7 @@ def run_tune(args: argparse.Namespace) -> int:
     session = Session(
         study_file=str(spec.path), storage=storage_url(args.storage),
         trials=args.trials or spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
-        workers=args.workers, device=args.device,
+        workers=args.workers, device=args.device, tracking=args.tracking,
     )
     budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
     print(f"Study {spec.name} ({spec.path.name}) in {session.storage}: up to {session.trials} finished trials, "
@@ -166,6 +185,20 @@ def run_tune(args: argparse.Namespace) -> int:
     print("\n" + format_summary(summary))
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def run_evaluate_best(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import REPORTS_DIR, evaluate_registered, format_report
+    from pipeline.tracking import configure_mlflow
+
+    configure_mlflow()
+    alias = None if args.version is not None else args.alias
+    result = evaluate_registered(args.model, alias=alias, version=args.version, prune_sweep=args.prune_sweep,
+                                 reports_dir=args.reports_dir or REPORTS_DIR)
+    print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 

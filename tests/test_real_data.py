@@ -1,10 +1,15 @@
 """On the real Fashion-MNIST (`make data`); CI runs these."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import OFFICIAL_SHA256, load_fashion_mnist, make_splits
+from pipeline.data import DEBIAN_DATA_DIR, ENV_VAR, OFFICIAL_SHA256, load_fashion_mnist, make_splits
 from pipeline.train import train
 
 pytestmark = pytest.mark.real_data
@@ -33,3 +38,61 @@ def test_one_epoch_on_a_subset_passes_80_percent_validation(real_dataset):
     torch.set_num_threads(2)
     result = train(config, splits, device="cpu")
     assert result.best_val_accuracy > 0.80
+
+
+OUTSIDE_CLIENT = '''
+import gzip, sys
+import mlflow
+import numpy as np
+
+def idx(path, offset):
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+mlflow.set_tracking_uri(sys.argv[1])
+images = idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+labels = idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz", 8)
+model = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier@champion")
+scores = np.concatenate([model.predict(images[i:i + 2000].astype(np.float32)) for i in range(0, 10000, 2000)])
+print((scores.argmax(axis=1) == labels).mean())
+'''
+
+REAL_STUDY = """
+# real-smoke: one short trial on the real data, to exercise tune -> registry -> evaluate-best. Run: pytest
+trials = 1
+[fixed]
+model = "mlp"
+epochs = 1
+train_subset = 5000
+[search]
+dropout = { type = "float", low = 0.0, high = 0.2 }
+[pruner]
+name = "none"
+"""
+
+
+def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    study_file = tmp_path / "real-smoke.toml"
+    study_file.write_text(REAL_STUDY)
+    tuned = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--study", str(study_file), "--storage",
+                            f"sqlite:///{tmp_path / 'optuna.db'}", "--device", "cpu", "--json"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert tuned.returncode == 0, tuned.stderr
+    summary = json.loads(tuned.stdout.strip().splitlines()[-1])
+    assert summary["promotion"]["outcome"] == "promoted to champion"
+    assert summary["best_trial"]["val_accuracy"] > 0.75
+
+    evaluated = subprocess.run([sys.executable, "-m", "pipeline", "evaluate-best", "--json", "--reports-dir",
+                                str(tmp_path / "reports")], capture_output=True, text=True, env=env, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["n_test_images"] == 10_000 and result["test_accuracy"] > 0.75
+    assert "Shirt" in evaluated.stdout  # the per-class table
+    assert (tmp_path / "reports" / f"fashion-mnist-classifier-v{result['version']}" / "report.html").is_file()
+
+    if (DEBIAN_DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        client = subprocess.run([sys.executable, "-c", OUTSIDE_CLIENT, env["MLFLOW_TRACKING_URI"]],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert client.returncode == 0, client.stderr
+        assert float(client.stdout.strip().splitlines()[-1]) == pytest.approx(result["test_accuracy"])

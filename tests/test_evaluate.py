@@ -1,0 +1,81 @@
+"""evaluate-best on a tiny registered model, in a temporary MLflow store (see conftest)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from pipeline.evaluate import RegistryError, evaluate_registered
+from pipeline.search import Session, run_session
+from pipeline.tracking import REGISTERED_MODEL
+from tests.tiny_study import storage_in, write_study
+
+
+@pytest.fixture
+def registered(tmp_path, synthetic_env):
+    """A champion trained by a two-trial study on the synthetic data."""
+    study_file = write_study(tmp_path, trials=2, enqueue="[[enqueue]]\nlr = 3e-3\noptimizer = \"adam\"\n")
+    run_session(Session(str(study_file), storage_in(tmp_path), trials=2, timeout=None, device="cpu"))
+    return tmp_path
+
+
+def test_the_report_matches_scikit_learn_on_the_same_predictions(registered, synthetic_dataset):
+    result = evaluate_registered(prune_sweep=True, reports_dir=registered / "reports")
+
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")  # as an outside client
+    raw = synthetic_dataset.test_images.numpy().astype(np.float32)
+    labels = synthetic_dataset.test_labels.numpy()
+    predictions = np.asarray(model.predict(raw)).argmax(axis=1)
+    assert result["test_accuracy"] == pytest.approx(accuracy_score(labels, predictions))
+    assert result["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"))
+    assert result["confusion_matrix"] == confusion_matrix(labels, predictions).tolist()
+    assert result["n_test_images"] == len(labels)
+    assert 0.0 <= result["expected_calibration_error"] <= 1.0
+
+    sweep = result["prune_sweep"]
+    assert [p["sparsity"] for p in sweep] == [round(0.1 * i, 1) for i in range(10)]
+    assert sweep[0]["test_accuracy"] == pytest.approx(result["test_accuracy"])  # 0 % pruned = the model
+    assert sweep[-1]["zero_weights"] == pytest.approx(0.9, abs=0.01)
+
+    folder = registered / "reports" / f"{REGISTERED_MODEL}-v{result['version']}"
+    assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] == result["test_accuracy"]
+    page = (folder / "report.html").read_text()
+    assert page.count("Plotly.newPlot") == 4  # confusion, per class, reliability, pruning
+    assert "<script src=" not in page and "data:image/png;base64," in page  # opens offline: nothing fetched
+    assert "Reliability diagram" in page
+
+
+def test_the_evaluation_is_an_mlflow_run_linked_to_the_version(registered):
+    result = evaluate_registered(reports_dir=registered / "reports")
+    client = mlflow.MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert run.data.tags["model_version"] == str(result["version"]) and run.data.tags["kind"] == "evaluation"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.html", "metrics.json"}
+    version = client.get_model_version(REGISTERED_MODEL, str(result["version"]))
+    assert float(version.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"])
+    assert version.tags["evaluation_run_id"] == run.info.run_id
+
+
+def test_a_missing_model_or_alias_is_a_clear_error(registered):
+    with pytest.raises(RegistryError, match="no registered model 'nope'.*make tune"):
+        evaluate_registered("nope")
+    with pytest.raises(RegistryError, match="has no alias 'gold'"):
+        evaluate_registered(alias="gold")
+    with pytest.raises(RegistryError, match="has no version 99"):
+        evaluate_registered(alias=None, version=99)
+
+
+def test_evaluate_best_without_a_registry_is_one_line_and_no_traceback(tmp_path, synthetic_env):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "evaluate-best"], capture_output=True, text=True,
+                          env={**synthetic_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"},
+                          timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "make tune" in errors[0]
