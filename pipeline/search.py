@@ -131,6 +131,9 @@ class Objective:
 
         try:
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end)
+            # The model is logged only when the trial beats the study's best so far: the best trial
+            # always has one, and the cost stays off the trials that cannot be promoted.
+            model_uri = tracker.complete(result, splits, log_model=_improves_on_best(trial, result.best_val_accuracy))
         except NonFiniteLossError as error:
             trial.set_user_attr("fail_reason", str(error))
             tracker.failed(str(error))
@@ -147,10 +150,8 @@ class Objective:
         finally:
             trial.set_user_attr("epochs_run", epochs_run)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+            trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
         trial.set_user_attr("best_epoch", result.best_epoch)
-        # The model is logged only when the trial beats the study's best so far: the best trial
-        # always has one, and the cost stays off the trials that cannot be promoted.
-        model_uri = tracker.complete(result, splits, log_model=_improves_on_best(trial, result.best_val_accuracy))
         if model_uri:
             trial.set_user_attr("model_uri", model_uri)
         return result.best_val_accuracy
@@ -187,6 +188,7 @@ def run_session(session: Session) -> dict:
     study = prepare_study(spec, storage)
     started = time.time()
     session_tracker = None
+    tracking_started = time.perf_counter()
     if session.tracking:
         from pipeline.tracking import SessionTracker, configure_mlflow
 
@@ -194,6 +196,7 @@ def run_session(session: Session) -> dict:
         session_tracker = SessionTracker(spec.name, _study_tags(spec, session.storage))
         session = replace(session, experiment_id=session_tracker.experiment_id,
                           parent_run_id=session_tracker.run_id)
+    session_tracking_seconds = time.perf_counter() - tracking_started
     try:
         if session.workers == 1:
             _work(session, worker=0, started=started)
@@ -207,9 +210,14 @@ def run_session(session: Session) -> dict:
     if session_tracker:
         from pipeline.tracking import promote_best
 
+        tracking_started = time.perf_counter()
         summary["promotion"] = promote_best(study, spec.name)
         session_tracker.finish(study, summary)
         summary["mlflow_parent_run_id"] = session_tracker.run_id
+        # Outside the trials: the parent run, Optuna's figures, registration and aliases.
+        summary["session_tracking_seconds"] = round(
+            session_tracking_seconds + time.perf_counter() - tracking_started, 1)
+        summary["session_seconds"] = round(time.time() - started, 1)
     return summary
 
 
@@ -351,6 +359,11 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
         "session_seconds": round(seconds, 1),
         "best_trial": None,
     }
+    tracked = [t for t in finished if "tracking_seconds" in t.user_attrs]
+    if any(t.user_attrs["tracking_seconds"] for t in tracked):
+        # What MLflow cost the study's trials: their seconds in MLflow calls out of their seconds in all.
+        summary["trial_tracking_seconds"] = round(sum(t.user_attrs["tracking_seconds"] for t in tracked), 1)
+        summary["tracked_trial_seconds"] = round(sum(t.user_attrs["seconds"] for t in tracked), 1)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
@@ -372,6 +385,12 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Epochs: {summary['epochs_run']} run of {summary['epochs_budget']} that the finished trials "
                      f"could have used: pruning saved {saved} ({saved / summary['epochs_budget']:.0%})")
     lines.append(f"Wall time this session: {_clock(summary['session_seconds'])}")
+    if "trial_tracking_seconds" in summary:
+        in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]
+        line = f"MLflow tracking: {in_trials:.1f} s of the finished trials' {of:.0f} s ({in_trials / of:.1%})"
+        if "session_tracking_seconds" in summary:
+            line += f", and {summary['session_tracking_seconds']:.1f} s this session for its run and promotion"
+        lines.append(line)
     promotion = summary.get("promotion")
     if promotion:
         lines.append(f"Registry: {promotion['model']} version {promotion['version']} "

@@ -8,6 +8,7 @@ the objective never asks whether tracking is on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -101,6 +102,20 @@ class RawPixelClassifier(nn.Module):
         return self.model(normalized.unsqueeze(1)).exp()
 
 
+def _timed(method):
+    """Adds the method's wall time to ``self.seconds``: what tracking costs the trial, reported by `make tune`."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    return timed
+
+
 class TrialTracker:
     """One MLflow run per Optuna trial, nested under the session's parent run."""
 
@@ -112,7 +127,9 @@ class TrialTracker:
         self.parent_run_id = parent_run_id
         self.tags = tags
         self.run_id: str | None = None
+        self.seconds = 0.0  # spent in MLflow calls so far
 
+    @_timed
     def start(self, trial_number: int, config: TrainConfig, sampled: dict) -> str:
         from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -127,6 +144,7 @@ class TrialTracker:
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         return self.run_id
 
+    @_timed
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """One batched call per epoch: a call per metric costs about 8 ms each on SQLite."""
         from mlflow.entities import Metric
@@ -135,6 +153,7 @@ class TrialTracker:
         values = {k: v for k, v in asdict(metrics).items() if k != "epoch"}
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, metrics.epoch) for k, v in values.items()])
 
+    @_timed
     def complete(self, result: TrainResult, splits: Splits, *, log_model: bool) -> str | None:
         """Summary metrics, confusion matrix, per-class metrics, curves; the model when asked.
         Returns the logged model's URI, if any."""
@@ -159,10 +178,12 @@ class TrialTracker:
         self.client.set_terminated(self.run_id, "FINISHED")
         return model_uri
 
+    @_timed
     def pruned(self, epoch: int) -> None:
         self.client.set_tag(self.run_id, "pruned_at_epoch", str(epoch))
         self.client.set_terminated(self.run_id, "KILLED")
 
+    @_timed
     def failed(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "fail_reason", reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
@@ -190,6 +211,7 @@ class NullTrialTracker:
     """Tracking off: the same methods, doing nothing."""
 
     run_id = None
+    seconds = 0.0
 
     def start(self, trial_number, config, sampled):
         return None

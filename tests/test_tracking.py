@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import Session, run_session
+from pipeline.search import Session, format_summary, run_session
 from pipeline.tracking import CHALLENGER, CHAMPION, REGISTERED_MODEL
 from tests.tiny_study import storage_in, write_study
 
@@ -67,6 +67,16 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
     assert "lower the learning rate" in trial_runs[failed[0].number].data.tags["fail_reason"]
 
 
+def test_the_summary_says_what_tracking_cost(tracked_study):
+    summary, study = tracked_study
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert all(0 < t.user_attrs["tracking_seconds"] < t.user_attrs["seconds"] for t in finished)
+    assert summary["trial_tracking_seconds"] == pytest.approx(
+        sum(t.user_attrs["tracking_seconds"] for t in finished), abs=0.1)
+    assert summary["session_tracking_seconds"] > 0
+    assert "MLflow tracking: " in format_summary(summary)
+
+
 def test_completed_trials_carry_confusion_matrix_per_class_metrics_and_curves(tracked_study):
     _, study = tracked_study
     client = mlflow.MlflowClient()
@@ -113,5 +123,5 @@ def test_a_worse_study_does_not_move_the_champion(tracked_study, tmp_path):
 def test_tuning_works_with_tracking_off(tmp_path, synthetic_env):
     summary = tune(tmp_path, write_study(tmp_path, trials=3), trials=3, tracking=False)
     assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == 3
-    assert "promotion" not in summary
+    assert "promotion" not in summary and "trial_tracking_seconds" not in summary
     assert not (tmp_path / "mlflow.db").exists()
