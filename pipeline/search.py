@@ -150,7 +150,8 @@ class Objective:
         finally:
             trial.set_user_attr("epochs_run", epochs_run)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-            trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
+            if run_id:
+                trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
         trial.set_user_attr("best_epoch", result.best_epoch)
         if model_uri:
             trial.set_user_attr("model_uri", model_uri)
@@ -360,7 +361,7 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
         "best_trial": None,
     }
     tracked = [t for t in finished if "tracking_seconds" in t.user_attrs]
-    if any(t.user_attrs["tracking_seconds"] for t in tracked):
+    if tracked:
         # What MLflow cost the study's trials: their seconds in MLflow calls out of their seconds in all.
         summary["trial_tracking_seconds"] = round(sum(t.user_attrs["tracking_seconds"] for t in tracked), 1)
         summary["tracked_trial_seconds"] = round(sum(t.user_attrs["seconds"] for t in tracked), 1)
