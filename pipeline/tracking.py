@@ -173,6 +173,9 @@ class TrialTracker:
         self.client.log_dict(self.run_id, report, "per_class_metrics.json")
         self.client.log_figure(self.run_id, confusion_figure(matrix, "Validation confusion matrix"),
                                "confusion_matrix.html")
+        # The HTML loads plotly.js from its CDN; the PNG shows in the MLflow UI offline too.
+        self.client.log_figure(self.run_id, confusion_image(matrix, "Validation confusion matrix"),
+                               "confusion_matrix.png")
         self.client.log_figure(self.run_id, learning_curves_figure(result.history), "learning_curves.html")
         model_uri = self._log_model(result.model, splits) if log_model else None
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -251,6 +254,23 @@ def confusion_figure(matrix: np.ndarray, title: str):
     return figure
 
 
+def confusion_image(matrix: np.ndarray, title: str):
+    """The confusion matrix as a matplotlib figure (no pyplot: no global state, no display needed)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 6), layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(matrix, cmap="Blues")
+    threshold = matrix.max() / 2
+    for (true, predicted), count in np.ndenumerate(matrix):
+        axes.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                  color="white" if count > threshold else "black")
+    axes.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    axes.set_yticks(range(len(CLASSES)), CLASSES)
+    axes.set(title=title, xlabel="predicted", ylabel="true")
+    return figure
+
+
 def learning_curves_figure(history: list[EpochMetrics]):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -294,6 +314,12 @@ class SessionTracker:
 
         for name, figure in study_figures(study).items():
             self.client.log_figure(self.run_id, figure, f"optuna/{name}.html")
+        import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
+
+        for name, figure in study_figures(study, backend="matplotlib").items():
+            # Shown offline too; "tight" keeps the long parameter names Optuna's layout cuts off.
+            self.client.log_figure(self.run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight"})
+            plt.close(figure)
         self.client.log_dict(self.run_id, summary, "summary.json")
         best = summary.get("best_trial")
         if best:

@@ -56,7 +56,8 @@ def test_the_evaluation_is_an_mlflow_run_linked_to_the_version(registered):
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert run.data.tags["model_version"] == str(result["version"]) and run.data.tags["kind"] == "evaluation"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.html", "metrics.json"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts >= {"report.html", "metrics.json", "test_confusion_matrix.html", "test_confusion_matrix.png"}
     version = client.get_model_version(REGISTERED_MODEL, str(result["version"]))
     assert float(version.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"])
     assert version.tags["evaluation_run_id"] == run.info.run_id

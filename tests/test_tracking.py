@@ -67,6 +67,18 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
     assert "lower the learning rate" in trial_runs[failed[0].number].data.tags["fail_reason"]
 
 
+def test_the_session_run_carries_optunas_figures_and_the_summary(tracked_study):
+    summary, _ = tracked_study
+    client = mlflow.MlflowClient()
+    run_id = summary["mlflow_parent_run_id"]
+    figures = {a.path for a in client.list_artifacts(run_id, "optuna")}
+    for name in ("optimization_history", "intermediate_values"):  # the others need more complete trials
+        assert {f"optuna/{name}.html", f"optuna/{name}.png"} <= figures  # interactive, and offline-proof
+    logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")
+    assert logged["best_trial"]["number"] == summary["best_trial"]["number"]
+    assert client.get_run(run_id).data.metrics["best_val_accuracy"] == summary["best_trial"]["val_accuracy"]
+
+
 def test_the_summary_says_what_tracking_cost(tracked_study):
     summary, study = tracked_study
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -84,7 +96,10 @@ def test_completed_trials_carry_confusion_matrix_per_class_metrics_and_curves(tr
     best = study.best_trial
     run_id = trial_runs[best.number].info.run_id
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"confusion_matrix.html", "confusion_matrix.json", "per_class_metrics.json", "learning_curves.html"} <= names
+    assert {"confusion_matrix.html", "confusion_matrix.png", "confusion_matrix.json", "per_class_metrics.json",
+            "learning_curves.html"} <= names
+    png = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/confusion_matrix.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"  # the image the UI previews, offline too
     counts = mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")["counts"]
     assert np.asarray(counts).sum() == 200  # the validation split
     assert np.trace(np.asarray(counts)) / 200 == pytest.approx(best.value)
