@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import CLASSES, load_fashion_mnist
-from pipeline.tracking import (CHAMPION, REGISTERED_MODEL, REPO_ROOT, confusion, confusion_figure, confusion_image,
-                               per_class_report)
+from pipeline.tracking import (CHAMPION, REGISTERED_MODEL, REPO_ROOT, confusion, confusion_figure,
+                               log_confusion_figures, per_class_report)
 
 REPORTS_DIR = REPO_ROOT / "reports"
 NOTEBOOK_TEST_ACCURACY = 0.9030
@@ -192,9 +192,8 @@ def log_evaluation_run(result: dict, folder: Path) -> str:
     client.log_batch(run_id, metrics=metric_list, params=[Param("model_uri", result["model_uri"])])
     client.log_artifact(run_id, str(folder / "report.html"))
     client.log_artifact(run_id, str(folder / "metrics.json"))
-    matrix = np.asarray(result["confusion_matrix"])
-    client.log_figure(run_id, confusion_figure(matrix, "Test confusion matrix"), "test_confusion_matrix.html")
-    client.log_figure(run_id, confusion_image(matrix, "Test confusion matrix"), "test_confusion_matrix.png")
+    log_confusion_figures(client, run_id, np.asarray(result["confusion_matrix"]), "Test confusion matrix",
+                          "test_confusion_matrix")
     client.set_terminated(run_id, "FINISHED")
     client.set_model_version_tag(result["model"], str(result["version"]), "test_accuracy", f"{result['test_accuracy']:.6f}")
     client.set_model_version_tag(result["model"], str(result["version"]), "evaluation_run_id", run_id)

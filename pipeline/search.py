@@ -302,27 +302,6 @@ def _trial_trackers(session: Session, spec: StudySpec, device, dataset_checksum:
     return lambda: TrialTracker(session.experiment_id, session.parent_run_id, tags)
 
 
-STUDY_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
-
-
-def study_figures(study: optuna.Study, *, backend: str = "plotly") -> dict:
-    """Optuna's figures for the study, plotly (interactive) or matplotlib (images); a figure its
-    trials cannot support yet is left out."""
-    from optuna import visualization
-
-    plots = visualization if backend == "plotly" else visualization.matplotlib
-    figures = {}
-    for name in STUDY_FIGURES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "too few trials to compute importances", "experimental"
-                figure = getattr(plots, f"plot_{name}")(study)
-        except (ValueError, RuntimeError, ZeroDivisionError):
-            continue  # e.g. parameter importances need two complete trials with different values
-        figures[name] = figure if backend == "plotly" else figure.figure  # matplotlib's plots return Axes
-    return figures
-
-
 class ProgressLine:
     """After each trial: what it did, the best so far, counts by state, elapsed time."""
 

@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -171,11 +172,7 @@ class TrialTracker:
         self.client.log_dict(self.run_id, {"classes": list(CLASSES), "counts": matrix.tolist()},
                              "confusion_matrix.json")
         self.client.log_dict(self.run_id, report, "per_class_metrics.json")
-        self.client.log_figure(self.run_id, confusion_figure(matrix, "Validation confusion matrix"),
-                               "confusion_matrix.html")
-        # The HTML loads plotly.js from its CDN; the PNG shows in the MLflow UI offline too.
-        self.client.log_figure(self.run_id, confusion_image(matrix, "Validation confusion matrix"),
-                               "confusion_matrix.png")
+        log_confusion_figures(self.client, self.run_id, matrix, "Validation confusion matrix", "confusion_matrix")
         self.client.log_figure(self.run_id, learning_curves_figure(result.history), "learning_curves.html")
         model_uri = self._log_model(result.model, splits) if log_model else None
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -254,6 +251,13 @@ def confusion_figure(matrix: np.ndarray, title: str):
     return figure
 
 
+def log_confusion_figures(client, run_id: str, matrix: np.ndarray, title: str, stem: str) -> None:
+    """<stem>.html, an interactive plotly heatmap, and <stem>.png: the HTML that ``log_figure``
+    writes loads plotly.js from its CDN, so only the PNG shows in an offline MLflow UI."""
+    client.log_figure(run_id, confusion_figure(matrix, title), f"{stem}.html")
+    client.log_figure(run_id, confusion_image(matrix, title), f"{stem}.png")
+
+
 def confusion_image(matrix: np.ndarray, title: str):
     """The confusion matrix as a matplotlib figure (no pyplot: no global state, no display needed)."""
     from matplotlib.figure import Figure
@@ -290,6 +294,27 @@ def _param_value(value) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
+STUDY_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+
+
+def study_figures(study, *, backend: str = "plotly") -> dict:
+    """Optuna's figures for the study, plotly (interactive) or matplotlib (images); a figure its
+    trials cannot support yet is left out."""
+    from optuna import visualization
+
+    plots = visualization if backend == "plotly" else visualization.matplotlib
+    figures = {}
+    for name in STUDY_FIGURES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "too few trials to compute importances", "experimental"
+                figure = getattr(plots, f"plot_{name}")(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue  # e.g. parameter importances need two complete trials with different values
+        figures[name] = figure if backend == "plotly" else figure.figure  # matplotlib's plots return Axes
+    return figures
+
+
 class SessionTracker:
     """The parent run of one tuning session: the experiment is the study, nested runs are its trials."""
 
@@ -303,14 +328,9 @@ class SessionTracker:
                                      tags={**tags, "study": study_name, "kind": "tuning-session"})
         self.run_id = run.info.run_id
 
-    def trial_tracker(self, tags: dict[str, str]) -> TrialTracker:
-        return TrialTracker(self.experiment_id, self.run_id, tags)
-
     def finish(self, study, summary: dict, *, status: str = "FINISHED") -> None:
         """Optuna's figures, the best value and parameters, and the summary, on the parent run."""
         from mlflow.entities import Metric, Param
-
-        from pipeline.search import study_figures
 
         for name, figure in study_figures(study).items():
             self.client.log_figure(self.run_id, figure, f"optuna/{name}.html")

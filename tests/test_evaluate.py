@@ -1,7 +1,6 @@
 """evaluate-best on a tiny registered model, in a temporary MLflow store (see conftest)."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,13 +1,11 @@
 """Tuning end to end on the synthetic dataset: pruning, failures, resuming after Ctrl-C, parallel workers."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from pipeline.search import Session, format_summary, run_session
