@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.data import DatasetError
         from pipeline.evaluate import RegistryError
         from pipeline.study_file import StudyFileError
+        from pipeline.tracking import TrackingServerError
         from pipeline.train import NonFiniteLossError
 
-        if isinstance(error, (DatasetError, NonFiniteLossError, StudyFileError, RegistryError)):
+        known = (DatasetError, NonFiniteLossError, StudyFileError, RegistryError, TrackingServerError)
+        if isinstance(error, known):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise

@@ -33,6 +33,7 @@ MLRUNS_DIR = REPO_ROOT / "mlruns"
 DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
 REGISTERED_MODEL = "fashion-mnist-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
+SERVER_PROBE_SECONDS = 5  # how long to wait for a tracking server before saying it is not there
 PACKAGES = ("torch", "torchvision", "optuna", "mlflow", "numpy", "scikit-learn")
 
 
@@ -46,8 +47,33 @@ def configure_mlflow() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri == DEFAULT_TRACKING_URI:
         MLRUNS_DIR.mkdir(exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+class TrackingServerError(RuntimeError):
+    """$MLFLOW_TRACKING_URI names a server that does not answer; the message gives the fix."""
+
+
+def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
+    """Fail in seconds when the tracking server is down. MLflow's REST client retries a refused
+    connection with backoff for about four minutes before it gives up: right for a blip in a long
+    study, wrong for a typo in the URI. Any HTTP answer (even 401 from a proxy) counts as there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:  # refused, DNS, timeout, a malformed URI
+        reason = getattr(error, "reason", error)
+        raise TrackingServerError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}). Fix: start it (`mlflow server "
+            f"--backend-store-uri ...`), or unset MLFLOW_TRACKING_URI to use the local store under mlruns/."
+        ) from None
 
 
 def ensure_experiment(name: str) -> str:

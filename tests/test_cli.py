@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -56,3 +57,23 @@ def test_a_missing_dataset_is_one_clear_error(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "not found" in done.stderr and "make data" in done.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["evaluate-best"], ["tune", "--study", "mlp", "--trials", "1"]])
+def test_a_tracking_server_that_is_down_is_one_line_not_minutes_of_retries(tmp_path, synthetic_dir, command):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, ENV_VAR: str(synthetic_dir), "MLFLOW_TRACKING_URI": uri,
+           "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    # MLflow's own retries would take about four minutes: the timeout catches a return to that.
+    done = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
