@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.models import CNN, MLP, build_model, count_parameters
+from pipeline.models import CNN, MLP, Dropout, build_model, count_parameters
 
 
 def linear(n_in, n_out):
@@ -48,3 +48,19 @@ def test_residual_blocks_add_skips_without_parameters():
     x = torch.randn(2, 1, 28, 28)
     residual.load_state_dict(plain.state_dict())
     assert not torch.allclose(plain.eval()(x), residual.eval()(x))
+
+
+def test_dropout_drops_a_fraction_p_and_rescales_the_rest_like_torchs():
+    x = torch.ones(400, 500, requires_grad=True)
+    dropout = Dropout(0.3).train()
+    torch.manual_seed(0)
+    out = dropout(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()  # the gradient flows through the survivors only, scaled the same way
+    assert torch.equal(x.grad, out.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)  # seeded like nn.Dropout: runs repeat
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
