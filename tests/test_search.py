@@ -117,7 +117,10 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
             return []
         return study.get_trials(states=(TrialState.RUNNING,))
 
-    assert wait_for(lambda: running_trials())
+    # Kill it mid-training: a trial that has reported an epoch has all its parameters sampled (killed any earlier,
+    # the orphan has none and its retry rightly samples fresh ones). The first trial is never pruned, so it is
+    # still training when the kill lands.
+    assert wait_for(lambda: [t for t in running_trials() if t.number == 0 and 0 < len(t.intermediate_values) < 20])
     process.kill()  # SIGKILL: no chance to clean up, the trial stays RUNNING
     process.wait()
     (orphan,) = running_trials()
