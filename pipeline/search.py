@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
+from pipeline.interrupts import InterruptGate
 from pipeline.study_file import STUDIES_DIR, StudySpec, load_study
 from pipeline.train import NonFiniteLossError, train
 from pipeline.tracking import NullTrialTracker
@@ -265,6 +266,7 @@ def _work(session: Session, *, worker: int, started: float) -> None:
     objective = None
     new_tracker = NullTrialTracker
     deadline = None if session.timeout is None else started + session.timeout
+    gate = InterruptGate()
     while True:
         # Failed trials do not count towards the budget, so go round until enough have finished.
         remaining = session.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -275,18 +277,20 @@ def _work(session: Session, *, worker: int, started: float) -> None:
             dataset = load_fashion_mnist()
             if session.tracking:
                 new_tracker = _trial_trackers(session, spec, device, dataset.checksum)
-            objective = Objective(spec, dataset, device, new_tracker)
+            objective = gate.objective(Objective(spec, dataset, device, new_tracker))
         before = len(study.get_trials(deepcopy=False, states=FINISHED))
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=seconds_left,
-            catch=(NonFiniteLossError,),  # a diverged trial is FAIL with its reason; the study goes on
-            callbacks=[
-                optuna.study.MaxTrialsCallback(session.trials, states=FINISHED),  # the total across workers
-                ProgressLine(started, spec.max_epochs),
-            ],
-        )
+        with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=seconds_left,
+                catch=(NonFiniteLossError,),  # a diverged trial is FAIL with its reason; the study goes on
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(session.trials, states=FINISHED),  # the total across workers
+                    ProgressLine(started, spec.max_epochs),
+                    gate.after_trial,
+                ],
+            )
         if len(study.get_trials(deepcopy=False, states=FINISHED)) == before:
             print(f"worker {worker}: {remaining} trials in a row failed; stopping", flush=True)
             return

@@ -1,0 +1,75 @@
+"""Ctrl-C while Optuna creates or tells a trial: held until the trial can end cleanly."""
+
+import os
+import signal
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline.interrupts import InterruptGate
+
+
+class InterruptingSampler(optuna.samplers.RandomSampler):
+    """Sends Ctrl-C to this process while `study.ask()` is making the given trial: it exists, RUNNING,
+    with no parameters yet."""
+
+    def __init__(self, at_trial: int):
+        super().__init__(seed=0)
+        self.at_trial = at_trial
+
+    def before_trial(self, study, trial):
+        if trial.number == self.at_trial:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def objective(trial):
+    return trial.suggest_float("x", 0, 1)
+
+
+def test_without_the_gate_ctrl_c_in_ask_strands_a_running_trial():
+    # Why the gate exists: this is what plain `optimize` leaves behind.
+    study = optuna.create_study(sampler=InterruptingSampler(at_trial=1))
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=3)
+    assert study.trials[1].state == TrialState.RUNNING
+
+
+def test_with_the_gate_ctrl_c_in_ask_fails_that_trial_and_stops_the_study():
+    study = optuna.create_study(sampler=InterruptingSampler(at_trial=1))
+    gate = InterruptGate()
+    with pytest.raises(KeyboardInterrupt), gate.holding():
+        study.optimize(gate.objective(objective), n_trials=3, callbacks=[gate.after_trial])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[1].params == {}  # nothing was sampled, so there is nothing to re-run
+
+
+def test_ctrl_c_in_a_callback_ends_the_study_after_the_trial_is_told():
+    study = optuna.create_study()
+    gate = InterruptGate()
+
+    held = []
+
+    def interrupt(study, trial):
+        os.kill(os.getpid(), signal.SIGINT)
+        held.append(gate.pending)  # reached only if the interrupt was held, not raised inside Optuna
+
+    with pytest.raises(KeyboardInterrupt), gate.holding():
+        study.optimize(gate.objective(objective), n_trials=3, callbacks=[interrupt, gate.after_trial])
+    assert held == [True]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_ctrl_c_during_training_interrupts_at_once_and_the_handler_is_restored():
+    study = optuna.create_study()
+    gate = InterruptGate()
+
+    def training(trial):
+        trial.suggest_float("x", 0, 1)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("not interrupted")
+
+    with pytest.raises(KeyboardInterrupt), gate.holding():
+        study.optimize(gate.objective(training), n_trials=3, callbacks=[gate.after_trial])
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
