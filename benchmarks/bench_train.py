@@ -7,7 +7,9 @@
      a shuffling DataLoader, and `.item()` after every step;
    - the project's trainer: tensors on the device, batches sliced from a permutation;
    - a bare loop over the same tensors (forward, backward, step; no metrics, nothing else): the
-     ceiling of this hardware for this model and optimizer, whatever a trainer does.
+     ceiling of this hardware for this model and optimizer, whatever a trainer does;
+   then where the bare loop's step goes, timed by leaving one part out at a time (the profiler is
+   no guide here: on a small VM it inflates MKL's calls about twofold).
 2. The default configuration (`make train`) trained from scratch: its wall time and the test
    accuracy of the model it returns, against the notebook's 90.30 %.
 
@@ -24,6 +26,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
@@ -86,6 +89,57 @@ def bare_loop_samples_per_second(images: torch.Tensor, labels: torch.Tensor, bat
     return len(labels) / (time.perf_counter() - started)
 
 
+def _ms_per_call(step, repeats: int, device) -> float:
+    for _ in range(repeats // 10):  # warm-up: allocations, optimizer state
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def step_breakdown(batch_size: int, device, repeats: int = 300) -> None:
+    """Milliseconds of one bare training step, and what each part costs: the step without it."""
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step_ms(*, dropout=NOTEBOOK_DROPOUT, batch_norm=True, optimizer_step=True) -> float:
+        model = MLP(dropout=dropout, batch_norm=batch_norm).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.nll_loss(model(images), labels).backward()
+            if optimizer_step:
+                optimizer.step()
+        return _ms_per_call(step, repeats, device)
+
+    # The step's matrix products alone: each layer's forward and weight gradient, and the input
+    # gradient of every layer but the first (the images need none).
+    linears = [m for m in MLP() if isinstance(m, nn.Linear)]
+    products, flops = [], 0
+    for i, layer in enumerate(linears):
+        x = torch.randn(batch_size, layer.in_features, device=device)
+        w = torch.randn(layer.out_features, layer.in_features, device=device)
+        grad = torch.randn(batch_size, layer.out_features, device=device)
+        products += [lambda x=x, w=w: x @ w.t(), lambda x=x, grad=grad: grad.t() @ x]
+        flops += 2 * 2 * x.shape[0] * w.numel()
+        if i > 0:
+            products.append(lambda w=w, grad=grad: grad @ w)
+            flops += 2 * x.shape[0] * w.numel()
+    matmul = _ms_per_call(lambda: [product() for product in products], repeats, device)
+
+    full = step_ms()
+    print(f"   bare step {full:.2f} ms: matrix products {matmul:.2f} ms ({flops / matmul / 1e6:.0f} GFLOP/s), "
+          f"Adam {full - step_ms(optimizer_step=False):.2f} ms, dropout {full - step_ms(dropout=0.0):.2f} ms, "
+          f"batch norm {full - step_ms(batch_norm=False):.2f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -124,6 +178,7 @@ def main() -> None:
     print(f"   project trainer ({device})                {trainer:9,.0f} samples/s")
     print(f"   speed-up                                   {speedup:9.2f} x")
     print(f"   bare loop, same tensors (the ceiling)      {bare:9,.0f} samples/s = {ceiling:.2f} x")
+    step_breakdown(args.batch_size, device)
 
     if args.skip_accuracy:
         return
