@@ -1,5 +1,9 @@
 # Fashion-MNIST tuning pipeline. `make help` lists the targets.
 # Every target installs what it needs on first use (.venv, packages, dataset).
+#
+# Stores: the Python side owns the defaults and their precedence (pipeline/stores.py); make passes
+# STORAGE on only when you set it, else $OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the files
+# under studies/ and mlruns/. Recipes that could show a password in a URL are not echoed.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,14 +14,11 @@ STUDY ?= mlp
 WORKERS ?= 1
 DASHBOARD_PORT ?= 8080
 UI_PORT ?= 5000
-# MLflow: $MLFLOW_TRACKING_URI when set (an `mlflow server`, say), else the local store under mlruns/.
-TRACKING_URI = $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 export MLFLOW_DISABLE_TELEMETRY = true
-# The studies' storage: STORAGE=... for make, else $OPTUNA_STORAGE, else the SQLite file under studies/.
-TUNE_STORAGE = $(or $(STORAGE),$(OPTUNA_STORAGE),sqlite:///studies/optuna.db)
+STORAGE_FLAG = $(if $(STORAGE),--storage '$(STORAGE)')
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train tune evaluate-best dashboard ui test bench clean
+.PHONY: help install data train tune evaluate-best dashboard ui test test-fast smoke bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,21 +38,35 @@ train: data ## train the notebook's MLP once and report train/validation/test ac
 	$(PY) -m pipeline train $(ARGS)
 
 tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
-	$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) --storage $(TUNE_STORAGE) \
+	@$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) $(STORAGE_FLAG) \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
 
 evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
 	$(PY) -m pipeline evaluate-best --prune-sweep $(ARGS)
 
-dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080)
-	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) $(TUNE_STORAGE)
+dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080, STORAGE=url)
+	@$(PY) -m pipeline dashboard --port $(DASHBOARD_PORT) $(STORAGE_FLAG)
 
 ui: $(INSTALLED) ## the MLflow UI on the tracking store, at 127.0.0.1 (UI_PORT=5000)
-	$(VENV)/bin/mlflow server --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlruns/artifacts \
-		--host 127.0.0.1 --port $(UI_PORT)
+	@$(PY) -m pipeline ui --port $(UI_PORT)
 
-test: data ## run the test suite (includes the real-data tests)
+test: data ## run the test suite (includes the real-data and slow tests)
 	$(PY) -m pytest $(ARGS)
+
+test-fast: data ## the quick tier: no slow or real-data tests (under a minute)
+	$(PY) -m pytest -m 'not slow and not real_data' $(ARGS)
+
+smoke: data ## the whole chain on a shrunk budget in throwaway stores: train, tune, registry, evaluate-best
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	export MLFLOW_TRACKING_URI="sqlite:///$$scratch/mlflow.db" && \
+	echo "== train: 1 epoch on 2,000 images" && \
+	$(PY) -m pipeline train --epochs 1 --set train_subset=2000 && \
+	echo "== tune: the mlp study, 1 trial of 1 epoch on 2,000 images" && \
+	$(PY) -m pipeline tune --study mlp --trials 1 --storage "sqlite:///$$scratch/optuna.db" \
+		--set epochs=1 --set train_subset=2000 && \
+	echo "== evaluate-best: the champion it promoted, on the test set" && \
+	$(PY) -m pipeline evaluate-best --reports-dir "$$scratch/reports" && \
+	echo "== smoke: every stage ran"
 
 bench: data ## trainer vs the notebook's loop, time to 90.30 % test accuracy, MLflow's cost to a study
 	$(PY) benchmarks/bench_train.py $(ARGS)

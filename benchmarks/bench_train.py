@@ -35,7 +35,7 @@ from pipeline.config import NOTEBOOK_TEST_ACCURACY, TrainConfig
 from pipeline.data import load_fashion_mnist, make_splits, normalize, verified_torchvision_root
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.models import MLP
-from pipeline.train import evaluate, train
+from pipeline.train import nll_and_accuracy, train
 
 # The notebook's model and optimisation, so all loops do the same work per step.
 NOTEBOOK_DROPOUT = 0.2
@@ -187,7 +187,7 @@ def main() -> None:
           f"{config.schedule}, {config.epochs} epochs")
     result = train(config, splits, device=device)
     test_images = normalize(dataset.test_images, splits.mean, splits.std)
-    _, test_accuracy = evaluate(result.model, test_images, dataset.test_labels)
+    _, test_accuracy = nll_and_accuracy(result.model, test_images, dataset.test_labels)
     verdict = "reaches" if test_accuracy >= NOTEBOOK_TEST_ACCURACY else "misses"
     print(f"   {result.seconds:.0f} s of training, best validation {result.best_val_accuracy:.2%} "
           f"(epoch {result.best_epoch}), test {test_accuracy:.2%}: {verdict} the notebook's "

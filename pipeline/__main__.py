@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # the known failures below get one line, anything else a traceback
         from pipeline.data import DatasetError
-        from pipeline.evaluate import RegistryError
+        from pipeline.registry import RegistryError
+        from pipeline.stores import TrackingServerError
         from pipeline.study_file import StudyFileError
-        from pipeline.tracking import TrackingServerError
         from pipeline.train import NonFiniteLossError
 
         known = (DatasetError, NonFiniteLossError, StudyFileError, RegistryError, TrackingServerError)
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--timeout", type=float, help="seconds for this session (default: the study file's)")
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
     tune.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="change one of the study's fixed settings for this run, e.g. --set epochs=2 "
+                           "(the smoke run and the tests shrink the shipped studies this way)")
     tune.add_argument("--device", default="auto", help="auto, cpu, cuda; with several GPUs, one worker per GPU")
     tune.add_argument("--no-tracking", dest="tracking", action="store_false",
                       help="no MLflow runs, models or promotion (Optuna storage only)")
@@ -85,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--reports-dir", type=Path, help="where <model>-v<version>/ goes (default: reports/)")
     best.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     best.set_defaults(handler=run_evaluate_best)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the study storage, on 127.0.0.1")
+    dashboard.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(handler=run_dashboard)
+
+    ui = commands.add_parser("ui", help="the MLflow UI on the tracking store, on 127.0.0.1",
+                             description="Serve the MLflow UI on the local tracking store ($MLFLOW_TRACKING_URI "
+                                         "or sqlite under mlruns/). When $MLFLOW_TRACKING_URI is a tracking "
+                                         "server, that server already is the UI: its address is printed.")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=run_ui)
     return parser
 
 
@@ -118,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.data import load_fashion_mnist, make_splits, normalize
     from pipeline.device import configure_cpu_threads, pick_device
     from pipeline.models import build_model, count_parameters
-    from pipeline.train import evaluate, train
+    from pipeline.train import nll_and_accuracy, train
 
     out = sys.stderr if args.json else sys.stdout
     started = time.perf_counter()
@@ -130,15 +147,15 @@ def run_train(args: argparse.Namespace) -> int:
           f"{len(splits.train_labels):,} training / {len(splits.val_labels):,} validation images", file=out)
 
     def show_progress(epoch, m):
-        print(f"epoch {epoch:3d}/{config.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:6.2%}  "
+        print(f"epoch {epoch:3d}/{config.epochs}  train loss {m.train_batch_loss:.4f} acc {m.train_batch_accuracy:6.2%}  "
               f"val loss {m.val_loss:.4f} acc {m.val_accuracy:6.2%}  lr {m.lr:.2e}  {m.epoch_seconds:5.1f}s",
               file=out, flush=True)
 
     result = train(config, splits, device=device, on_epoch_end=show_progress)
     # Train accuracy as the notebook reported it: the final model, in eval mode, on the training split.
-    _, train_accuracy = evaluate(result.model, splits.train_images, splits.train_labels)
+    _, train_accuracy = nll_and_accuracy(result.model, splits.train_images, splits.train_labels)
     test_images = normalize(dataset.test_images, splits.mean, splits.std)
-    _, test_accuracy = evaluate(result.model, test_images, dataset.test_labels)
+    _, test_accuracy = nll_and_accuracy(result.model, test_images, dataset.test_labels)
     seconds = time.perf_counter() - started
 
     early = " (stopped early)" if result.stopped_early else ""
@@ -164,24 +181,29 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from pipeline.search import Session, format_summary, run_session, storage_url
+    from pipeline.search import Session, format_summary, run_session, study_tags
+    from pipeline.stores import redact, storage_url
     from pipeline.study_file import load_study
+    from pipeline.tracking import NullSessionTracker, SessionTracker
 
-    spec = load_study(args.study)  # a bad study file fails here, before any worker starts
+    settings = parse_overrides(args.overrides)
+    spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     session = Session(
         study_file=str(spec.path), storage=storage_url(args.storage),
-        trials=args.trials or spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
-        workers=args.workers, device=args.device, tracking=args.tracking,
+        target_trials=args.trials or spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
+        workers=args.workers, device=args.device, settings=tuple(settings.items()),
     )
     budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
-    print(f"Study {spec.name} ({spec.path.name}) in {session.storage}: up to {session.trials} finished trials, "
-          f"{budget}, {session.workers} worker(s)", flush=True)
+    changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
+    print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
+          f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
+    tracker = SessionTracker(spec.name, study_tags(spec, session.storage)) if args.tracking else NullSessionTracker()
     try:
-        summary = run_session(session)
+        summary = run_session(session, tracker)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished trials are kept in {session.storage}; "
+        print(f"\ninterrupted: finished trials are kept in {redact(session.storage)}; "
               f"run the same command again to continue study {spec.name}", file=sys.stderr)
         return 130
     print("\n" + format_summary(summary))
@@ -191,8 +213,9 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_best(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import REPORTS_DIR, evaluate_registered, format_report
-    from pipeline.tracking import configure_mlflow
+    from pipeline.evaluate import evaluate_registered, format_report
+    from pipeline.paths import REPORTS_DIR
+    from pipeline.stores import configure_mlflow
 
     configure_mlflow()
     alias = None if args.version is not None else args.alias
@@ -202,6 +225,36 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """Replace this process with optuna-dashboard, so Ctrl-C and exit codes are the dashboard's own."""
+    import os
+
+    from pipeline.stores import redact, storage_url
+
+    storage = storage_url(args.storage)
+    print(f"optuna-dashboard for {redact(storage)} on http://{args.host}:{args.port}", flush=True)
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    os.execv(dashboard, [str(dashboard), "--host", args.host, "--port", str(args.port), storage])
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    """Replace this process with `mlflow server` on the local store; a tracking server is its own UI."""
+    import os
+
+    from pipeline.paths import MLRUNS_DIR
+    from pipeline.stores import is_server, redact, tracking_uri
+
+    uri = tracking_uri()
+    if is_server(uri):
+        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the MLflow UI itself: open {redact(uri)}")
+        return 0
+    print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port}", flush=True)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    os.execv(mlflow, [str(mlflow), "server", "--backend-store-uri", uri,
+                      "--default-artifact-root", str(MLRUNS_DIR / "artifacts"),  # for experiments made in the UI
+                      "--host", args.host, "--port", str(args.port)])
 
 
 if __name__ == "__main__":

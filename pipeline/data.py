@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REPO_DATA_DIR = REPO_ROOT / "data"
+from pipeline.paths import DATA_DIR as REPO_DATA_DIR
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
-ENV_VAR = "FASHION_MNIST_DIR"
+ENV_VAR = "FASHION_MNIST_DIR"  # where the official files are, when not in the usual places
+CUSTOM_ENV_VAR = "FASHION_MNIST_CUSTOM_DIR"  # a dataset of one's own in the same IDX layout, used knowingly
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -41,12 +42,10 @@ OFFICIAL_SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-# A folder may carry its own "SHA256SUMS" (sha256sum's format) for a custom or synthetic
-# dataset in the same IDX layout; without one, only the official content is accepted.
-MANIFEST_NAME = "SHA256SUMS"
 CLASSES = tuple(TorchvisionFashionMNIST.classes)
 N_CLASSES = len(CLASSES)
-IMAGE_SIDE = 28
+IMAGE_SIDE = 28  # pixels; the images are square and grey
+CROP_PADDING = 2  # pixels: `crop-flip` shifts each image by up to this much in each direction
 SPLIT_SEED = 0  # the validation split is the same for every run with the same val_size
 
 FIX = (
@@ -69,6 +68,12 @@ class FashionMNIST:
     test_labels: torch.Tensor
     source: Path
     checksum: str  # SHA-256 over the four files' SHA-256s: names the exact data a run saw
+    custom: bool = False  # True: a user's own IDX files, structure-checked but not the official content
+
+    @property
+    def kind(self) -> str:
+        """What runs are tagged with: `official` Fashion-MNIST or a `custom` dataset."""
+        return "custom" if self.custom else "official"
 
 
 def search_dirs() -> list[Path]:
@@ -103,18 +108,28 @@ def locate_dataset() -> dict[str, Path]:
     raise DatasetError(f"Fashion-MNIST not found (looked in {places}). {FIX}")
 
 
-def load_fashion_mnist(directory: Path | None = None) -> FashionMNIST:
-    """Load and verify the dataset from ``directory``, or from the first place search_dirs() finds it."""
-    with verified_torchvision_root(directory) as (root, source, checksum):
+def load_fashion_mnist(directory: Path | None = None, *, custom: bool = False) -> FashionMNIST:
+    """Load the official dataset, verified, from ``directory`` or the first place search_dirs() finds
+    it; or, with ``custom`` (or $FASHION_MNIST_CUSTOM_DIR set), a dataset of one's own in the same
+    IDX layout, whose content is not checked against the official checksums. A custom dataset is
+    announced on stderr, so nobody mistakes its figures for Fashion-MNIST's."""
+    if directory is None and os.environ.get(CUSTOM_ENV_VAR):
+        directory, custom = Path(os.environ[CUSTOM_ENV_VAR]), True
+    with verified_torchvision_root(directory, custom=custom) as (root, source, checksum):
         train = _read_split(root, train=True, source=source)
         test = _read_split(root, train=False, source=source)
-    return FashionMNIST(*train, *test, source=source, checksum=checksum)
+    if custom:
+        print(f"note: using the custom dataset in {source} (checksum {checksum[:12]}), not the official "
+              f"Fashion-MNIST; its runs are tagged dataset=custom", file=sys.stderr, flush=True)
+    return FashionMNIST(*train, *test, source=source, checksum=checksum, custom=custom)
 
 
 @contextmanager
-def verified_torchvision_root(directory: Path | None = None) -> Iterator[tuple[str, Path, str]]:
+def verified_torchvision_root(directory: Path | None = None, *, custom: bool = False
+                              ) -> Iterator[tuple[str, Path, str]]:
     """A scratch folder laid out as torchvision's FashionMNIST expects (FashionMNIST/raw/), holding the
-    decompressed files after their content is verified. Yields (root, source folder, dataset checksum)."""
+    decompressed files after their content is verified against the official checksums (unless
+    ``custom``). Yields (root, source folder, dataset checksum)."""
     if directory is None:
         files = locate_dataset()
     else:
@@ -123,7 +138,6 @@ def verified_torchvision_root(directory: Path | None = None) -> Iterator[tuple[s
             raise DatasetError(f"Fashion-MNIST not found in {directory}: it needs {', '.join(RAW_FILES)} "
                                f"(or their .gz). {FIX}")
     source = files[RAW_FILES[0]].parent
-    expected = _expected_checksums(source)
     digests = {}
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as scratch:
         raw_dir = Path(scratch) / "FashionMNIST" / "raw"
@@ -131,29 +145,15 @@ def verified_torchvision_root(directory: Path | None = None) -> Iterator[tuple[s
         for name, path in files.items():
             content = _read_decompressed(path)
             digests[name] = hashlib.sha256(content).hexdigest()
-            if digests[name] != expected[name]:
+            if not custom and digests[name] != OFFICIAL_SHA256[name]:
                 raise DatasetError(
                     f"{path} is corrupt or truncated: its content's SHA-256 is {digests[name][:16]}..., "
-                    f"expected {expected[name][:16]}.... {FIX}"
+                    f"expected {OFFICIAL_SHA256[name][:16]}.... {FIX} (A dataset of your own in this layout: "
+                    f"set {CUSTOM_ENV_VAR} instead.)"
                 )
             (raw_dir / name).write_bytes(content)
         checksum = hashlib.sha256("".join(digests[n] for n in RAW_FILES).encode()).hexdigest()
         yield scratch, source, checksum
-
-
-def _expected_checksums(source: Path) -> dict[str, str]:
-    manifest = next((p for p in (source / MANIFEST_NAME, source.parent.parent / MANIFEST_NAME) if p.is_file()), None)
-    if manifest is None:
-        return OFFICIAL_SHA256
-    entries = {}
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            entries[Path(name.lstrip("*")).name.removesuffix(".gz")] = digest.lower()
-    missing = [n for n in RAW_FILES if n not in entries]
-    if missing:
-        raise DatasetError(f"{manifest} lists no checksum for {', '.join(missing)}.")
-    return entries
 
 
 def _read_decompressed(path: Path) -> bytes:
@@ -247,13 +247,14 @@ def shuffled_batches(
             yield images.index_select(0, index), labels.index_select(0, index)  # 2x faster than [index] on CPU
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, *, fill: float, pad: int = 2) -> torch.Tensor:
-    """A random horizontal flip and, when ``pad`` > 0, a random crop of the image padded by ``pad``
+def augment(images: torch.Tensor, generator: torch.Generator, *, fill: float, crop: bool) -> torch.Tensor:
+    """A random horizontal flip and, when ``crop``, a random crop of the image padded by CROP_PADDING
     pixels of ``fill``: each image of the batch gets its own shift and flip, drawn from ``generator``
     on the batch's device, in a handful of whole-batch tensor operations."""
     n, side = images.shape[0], images.shape[-1]
     device = images.device
-    if pad:
+    if crop:
+        pad = CROP_PADDING
         padded = F.pad(images, (pad, pad, pad, pad), value=fill)
         shift_y = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
         shift_x = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)

@@ -6,6 +6,11 @@ own bookkeeping (`study.ask()` creating the next trial, `tell`, the callbacks) i
 RUNNING with no parameters, which only the heartbeat's grace period clears. So while `optimize` runs,
 an interrupt outside the objective is held and raised at the next safe point: the start of the next
 objective call, the end of the trial in progress, or the return of `optimize`.
+
+Inside the objective, writes to the stores (a trial's MLflow calls, Optuna's `report`) are held the
+same way with ``deferred()``: an interrupt in the middle of one can leave a SQLite write lock behind,
+and the next write, the one that marks the run FAILED, then waits for it and fails ("database is
+locked"). Training itself is interrupted at once.
 """
 
 import signal
@@ -23,7 +28,7 @@ class InterruptGate:
 
     def __init__(self):
         self.pending = False
-        self.in_objective = False
+        self.in_objective = False  # True while an interrupt may be raised at once
 
     def _on_sigint(self, signum, frame):
         if self.in_objective:
@@ -57,6 +62,19 @@ class InterruptGate:
                 self.in_objective = False
 
         return gated
+
+    @contextmanager
+    def deferred(self, *, raise_after: bool = True):
+        """Hold an interrupt for the length of the block (a write to a store). With ``raise_after`` it is
+        raised when the block ends; without, it waits for the trial's end (the trial has finished its
+        work and should be told as it is)."""
+        interruptible, self.in_objective = self.in_objective, False
+        try:
+            yield
+        finally:
+            self.in_objective = interruptible
+        if raise_after and interruptible:
+            self._raise_if_pending()
 
     def after_trial(self, study, trial) -> None:
         """An Optuna callback, the last one: the trial is told by now, so the interrupt may leave `optimize`."""

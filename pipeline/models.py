@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.data import IMAGE_SIDE, N_CLASSES
 
-N_CLASSES = 10
-IMAGE_SIDE = 28
+DEFAULTS = TrainConfig()  # the models' own defaults are the config's, so MLP() is `make train`'s network
 
 
 class Dropout(nn.Dropout):
@@ -30,7 +30,8 @@ class MLP(nn.Sequential):
     """The notebook's network: Flatten, then per hidden width Linear -> BatchNorm -> ReLU -> Dropout,
     then Linear -> LogSoftmax. With the default widths it is 784-512-256-128-10."""
 
-    def __init__(self, hidden_sizes=(512, 256, 128), *, dropout=0.2, batch_norm=True, n_classes=N_CLASSES):
+    def __init__(self, hidden_sizes=DEFAULTS.hidden_sizes, *, dropout=DEFAULTS.dropout, batch_norm=DEFAULTS.batch_norm,
+                 n_classes=N_CLASSES):
         layers: list[nn.Module] = [nn.Flatten()]
         width = IMAGE_SIDE * IMAGE_SIDE
         for hidden in hidden_sizes:
@@ -66,8 +67,9 @@ class CNN(nn.Module):
     skip around every block after a stage's first (the one that changes the channel count).
     """
 
-    def __init__(self, channels=(32, 64), *, convs_per_stage=2, residual=False, head_width=128,
-                 dropout=0.2, n_classes=N_CLASSES):
+    def __init__(self, channels=DEFAULTS.cnn_channels, *, convs_per_stage=DEFAULTS.cnn_convs_per_stage,
+                 residual=DEFAULTS.cnn_residual, head_width=DEFAULTS.cnn_head_width, dropout=DEFAULTS.dropout,
+                 n_classes=N_CLASSES):
         super().__init__()
         stages: list[nn.Module] = []
         in_channels, side = 1, IMAGE_SIDE

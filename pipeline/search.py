@@ -12,46 +12,22 @@ import signal
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.interrupts import InterruptGate
-from pipeline.study_file import STUDIES_DIR, StudySpec, load_study
+from pipeline.stores import open_storage
+from pipeline.study_file import StudySpec, load_study
 from pipeline.train import NonFiniteLossError, train
-from pipeline.tracking import NullTrialTracker
+from pipeline.tracking import NullSessionTracker, NullTrialTracker
 
-STORAGE_ENV = "OPTUNA_STORAGE"
-DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR / 'optuna.db'}"  # one file: the dashboard shows every study
-HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for GRACE_SECONDS is failed and retried
-GRACE_SECONDS = 30
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def storage_url(requested: str | None = None) -> str:
-    """--storage, else $OPTUNA_STORAGE, else the SQLite file under studies/."""
-    return requested or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file for a path."""
-    quiet_optuna()
-    if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,  # SQLite: wait for a busy writer instead of "database is locked"
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+# Trials that count towards a study's target: complete or pruned (FAIL does not; its retry will).
+COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -76,6 +52,14 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     return study
 
 
+def study_tags(spec: StudySpec, storage: str) -> dict[str, str]:
+    """What every run of the study is tagged with: the study, its sampler and pruner, and where it is stored."""
+    from pipeline.stores import redact
+
+    return {"study": spec.name, "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
+            "optuna_storage": redact(storage)}
+
+
 def _requeue_interrupted(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("retry_of") for t in trials}
@@ -91,18 +75,27 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def _no_deferral(raise_after: bool = True):
+    return nullcontext()
+
+
 class Objective:
     """Train one sampled configuration; report each epoch's validation accuracy; prune on request.
 
     The dataset is loaded once per worker process and the splits made once per distinct
-    (val_size, train_subset), not per trial.
+    (val_size, train_subset), not per trial. ``new_tracker()`` gives each trial its tracker: an
+    MLflow run, or a tracker that does nothing. ``deferred`` (an InterruptGate's) holds a Ctrl-C
+    while the trial writes to the stores.
     """
 
-    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=NullTrialTracker):
+    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=NullTrialTracker,
+                 deferred=_no_deferral):
         self.spec = spec
         self.dataset = dataset
         self.device = device
-        self.new_tracker = new_tracker  # () -> a TrialTracker (MLflow) or a NullTrialTracker
+        self.new_tracker = new_tracker
+        self.deferred = deferred
+        self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
 
     def splits_for(self, val_size: int, train_subset: int) -> Splits:
@@ -117,45 +110,57 @@ class Objective:
         started = time.perf_counter()
         epochs_run = 0
         tracker = self.new_tracker()
-        run_id = tracker.start(trial.number, config, trial.params)
-        if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)  # and the run carries the study and trial as tags
+        with self.deferred():
+            run_id = tracker.start(trial.number, config, trial.params, self.run_tags)
+            if run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)  # and the run carries the study and trial as tags
 
         def on_epoch_end(epoch, metrics):
             nonlocal epochs_run
             epochs_run = epoch
-            tracker.log_epoch(metrics)
-            trial.report(metrics.val_accuracy, epoch)
-            if trial.should_prune():
-                tracker.pruned(epoch)
+            with self.deferred():
+                tracker.log_epoch(metrics)
+                trial.report(metrics.val_accuracy, epoch)
+                prune = trial.should_prune()
+                if prune:
+                    tracker.pruned(epoch)
+            if prune:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_accuracy {metrics.val_accuracy:.4f}")
 
         try:
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end)
             # The model is logged only when the trial beats the study's best so far: the best trial
-            # always has one, and the cost stays off the trials that cannot be promoted.
-            model_uri = tracker.complete(result, splits, log_model=_improves_on_best(trial, result.best_val_accuracy))
+            # always has one, and the cost stays off the trials that cannot be promoted. A Ctrl-C
+            # from here on waits for the trial to be told COMPLETE.
+            with self.deferred(raise_after=False):
+                model_uri = tracker.complete(result, splits,
+                                             log_model=_improves_on_best(trial, result.best_val_accuracy))
         except NonFiniteLossError as error:
-            trial.set_user_attr("fail_reason", str(error))
-            tracker.failed(str(error))
+            with self.deferred():
+                trial.set_user_attr("fail_reason", str(error))
+                tracker.failed(str(error))
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)  # the next session runs these parameters again
-            tracker.failed("interrupted (Ctrl-C)")
+            with self.deferred(raise_after=False):  # a second Ctrl-C must not stop the bookkeeping
+                trial.set_user_attr("interrupted", True)  # the next session runs these parameters again
+                tracker.failed("interrupted (Ctrl-C)")
             raise
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            tracker.failed(repr(error))
+            with self.deferred():
+                tracker.failed(repr(error))
             raise
         finally:
-            trial.set_user_attr("epochs_run", epochs_run)
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-            if run_id:
-                trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        if model_uri:
-            trial.set_user_attr("model_uri", model_uri)
+            with self.deferred(raise_after=False):
+                trial.set_user_attr("epochs_run", epochs_run)
+                trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+                if run_id:
+                    trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
+        with self.deferred(raise_after=False):
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            if model_uri:
+                trial.set_user_attr("model_uri", model_uri)
         return result.best_val_accuracy
 
 
@@ -172,66 +177,52 @@ class Session:
 
     study_file: str
     storage: str
-    trials: int  # the study's total of finished (complete + pruned) trials to reach
+    target_trials: int  # complete + pruned trials the whole study should reach, across sessions and workers
     timeout: float | None  # seconds for this session
     workers: int = 1
     device: str = "auto"
-    tracking: bool = True  # MLflow runs, figures, models and promotion
-    experiment_id: str | None = None  # set by run_session: where the workers' trial runs go
-    parent_run_id: str | None = None
+    settings: tuple[tuple[str, str], ...] = ()  # (field, value) pairs that override the study file's fixed ones
+
+    def load_spec(self) -> StudySpec:
+        return load_study(self.study_file).with_settings(dict(self.settings))
 
 
-def run_session(session: Session) -> dict:
-    """Run or resume the study until it has ``trials`` finished trials or ``timeout`` passes; return
-    the summary. Ctrl-C ends the running trials (as FAIL, re-queued next time) and raises
-    KeyboardInterrupt once every worker has stopped."""
-    spec = load_study(session.study_file)
-    storage = open_storage(session.storage)
-    study = prepare_study(spec, storage)
+def run_session(session: Session, tracker=None) -> dict:
+    """Run or resume the study until it has ``target_trials`` complete or pruned trials or
+    ``timeout`` passes; return the summary. ``tracker`` is a SessionTracker (MLflow runs, figures,
+    promotion) or, by default, a NullSessionTracker. Ctrl-C ends the running trials (as FAIL,
+    re-queued next time) and raises KeyboardInterrupt once every worker has stopped."""
+    tracker = tracker or NullSessionTracker()
+    spec = session.load_spec()
+    quiet_optuna()
+    study = prepare_study(spec, open_storage(session.storage))
     started = time.time()
-    session_tracker = None
-    tracking_started = time.perf_counter()
-    if session.tracking:
-        from pipeline.tracking import SessionTracker, configure_mlflow
-
-        configure_mlflow()
-        session_tracker = SessionTracker(spec.name, _study_tags(spec, session.storage))
-        session = replace(session, experiment_id=session_tracker.experiment_id,
-                          parent_run_id=session_tracker.run_id)
-    session_tracking_seconds = time.perf_counter() - tracking_started
+    trial_trackers = tracker.trial_trackers()
     try:
         if session.workers == 1:
-            _work(session, worker=0, started=started)
+            _work(session, trial_trackers, worker=0, started=started)
         else:
-            _run_worker_processes(session, started)
+            _run_worker_processes(session, trial_trackers, started)
     except KeyboardInterrupt:
-        if session_tracker:
-            session_tracker.finish(study, summarize(study, spec, seconds=time.time() - started), status="KILLED")
+        tracker.finish(study, summarize(study, spec, seconds=time.time() - started), status="KILLED")
         raise
     summary = summarize(study, spec, seconds=time.time() - started)
-    if session_tracker:
-        from pipeline.tracking import promote_best
-
-        tracking_started = time.perf_counter()
-        summary["promotion"] = promote_best(study, spec.name)
-        session_tracker.finish(study, summary)
-        summary["mlflow_parent_run_id"] = session_tracker.run_id
+    promotion = tracker.promote(study)
+    if promotion:
+        summary["promotion"] = promotion
+    tracker.finish(study, summary)
+    if tracker.run_id:
+        summary["mlflow_parent_run_id"] = tracker.run_id
         # Outside the trials: the parent run, Optuna's figures, registration and aliases.
-        summary["session_tracking_seconds"] = round(
-            session_tracking_seconds + time.perf_counter() - tracking_started, 1)
-        summary["session_seconds"] = round(time.time() - started, 1)
+        summary["session_tracking_seconds"] = round(tracker.seconds, 1)
+    summary["session_seconds"] = round(time.time() - started, 1)
     return summary
 
 
-def _study_tags(spec: StudySpec, storage: str) -> dict[str, str]:
-    return {"study": spec.name, "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
-            "optuna_storage": storage.split("@")[-1]}  # no password in a tag
-
-
-def _run_worker_processes(session: Session, started: float) -> None:
+def _run_worker_processes(session: Session, trial_trackers, started: float) -> None:
     # spawn, not fork: each worker starts clean (own CUDA context, own SQLite connections).
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_entry, args=(session, i, started), name=f"worker-{i}")
+    processes = [context.Process(target=_worker_entry, args=(session, trial_trackers, i, started), name=f"worker-{i}")
                  for i in range(session.workers)]
     for process in processes:
         process.start()
@@ -247,38 +238,36 @@ def _run_worker_processes(session: Session, started: float) -> None:
         raise
 
 
-def _worker_entry(session: Session, worker: int, started: float) -> None:
+def _worker_entry(session: Session, trial_trackers, worker: int, started: float) -> None:
     try:
-        _work(session, worker=worker, started=started)
+        _work(session, trial_trackers, worker=worker, started=started)
     except KeyboardInterrupt:
         pass  # the parent reports the interruption
 
 
-def _work(session: Session, *, worker: int, started: float) -> None:
-    spec = load_study(session.study_file)
+def _work(session: Session, trial_trackers, *, worker: int, started: float) -> None:
+    """One worker: load the data once, then run trials until the study's target or the deadline."""
+    spec = session.load_spec()
     device = pick_device(session.device)
     if device.type == "cuda" and device.index is None:
         import torch
 
         device = torch.device("cuda", worker % torch.cuda.device_count())  # one worker per GPU
     configure_cpu_threads(session.workers)
+    quiet_optuna()
     study = open_study(spec, open_storage(session.storage), worker=worker)
     objective = None
-    new_tracker = NullTrialTracker
     deadline = None if session.timeout is None else started + session.timeout
     gate = InterruptGate()
     while True:
-        # Failed trials do not count towards the budget, so go round until enough have finished.
-        remaining = session.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        # Failed trials do not count towards the target, so go round until enough have finished.
+        remaining = session.target_trials - _count_complete_or_pruned(study)
         seconds_left = None if deadline is None else deadline - time.time()
         if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
             return
         if objective is None:
-            dataset = load_fashion_mnist()
-            if session.tracking:
-                new_tracker = _trial_trackers(session, spec, device, dataset.checksum)
-            objective = gate.objective(Objective(spec, dataset, device, new_tracker))
-        before = len(study.get_trials(deepcopy=False, states=FINISHED))
+            objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred))
+        before = _count_complete_or_pruned(study)
         with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
             study.optimize(
                 objective,
@@ -286,24 +275,19 @@ def _work(session: Session, *, worker: int, started: float) -> None:
                 timeout=seconds_left,
                 catch=(NonFiniteLossError,),  # a diverged trial is FAIL with its reason; the study goes on
                 callbacks=[
-                    optuna.study.MaxTrialsCallback(session.trials, states=FINISHED),  # the total across workers
+                    # The target across workers: each stops once the study has enough.
+                    optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
                     ProgressLine(started, spec.max_epochs),
                     gate.after_trial,
                 ],
             )
-        if len(study.get_trials(deepcopy=False, states=FINISHED)) == before:
+        if _count_complete_or_pruned(study) == before:
             print(f"worker {worker}: {remaining} trials in a row failed; stopping", flush=True)
             return
 
 
-def _trial_trackers(session: Session, spec: StudySpec, device, dataset_checksum: str):
-    """A factory of MLflow trial trackers for this worker process, all under the session's parent run."""
-    from pipeline.tracking import TrialTracker, configure_mlflow, environment_tags
-
-    configure_mlflow()  # spawned workers start with MLflow unconfigured
-    tags = {**_study_tags(spec, session.storage), **environment_tags(), "device": str(device),
-            "dataset_checksum": dataset_checksum}
-    return lambda: TrialTracker(session.experiment_id, session.parent_run_id, tags)
+def _count_complete_or_pruned(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COMPLETE_OR_PRUNED))
 
 
 class ProgressLine:
@@ -334,15 +318,15 @@ class ProgressLine:
 def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
-    finished = [t for t in trials if t.state in FINISHED]
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
-    epochs_budget = len(finished) * spec.max_epochs
     summary = {
         "study": spec.name,
         "trials": len(trials),
         "states": dict(counts),
         "epochs_run": epochs_run,
-        "epochs_budget": epochs_budget,  # finished trials x maximum epochs: what no pruning would cost
+        # What the complete and pruned trials would have run without pruning: each its maximum epochs.
+        "epochs_unpruned": len(finished) * spec.max_epochs,
         "session_seconds": round(seconds, 1),
         "best_trial": None,
     }
@@ -367,10 +351,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best: trial {best['number']}, validation accuracy {best['val_accuracy']:.2%} "
                      f"(epoch {best['best_epoch']})")
         lines += [f"  {name} = {value}" for name, value in best["params"].items()]
-    saved = summary["epochs_budget"] - summary["epochs_run"]
-    if summary["epochs_budget"]:
-        lines.append(f"Epochs: {summary['epochs_run']} run of {summary['epochs_budget']} that the finished trials "
-                     f"could have used: pruning saved {saved} ({saved / summary['epochs_budget']:.0%})")
+    unpruned = summary["epochs_unpruned"]
+    if unpruned:
+        saved = unpruned - summary["epochs_run"]
+        lines.append(f"Epochs: {summary['epochs_run']} run of {unpruned} that the finished trials "
+                     f"could have used: pruning saved {saved} ({saved / unpruned:.0%})")
     lines.append(f"Wall time this session: {_clock(summary['session_seconds'])}")
     if "trial_tracking_seconds" in summary:
         in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]

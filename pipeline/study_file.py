@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from pipeline.config import ConfigError, TrainConfig, field_names
-
-STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+from pipeline.paths import STUDIES_DIR
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -107,6 +106,19 @@ class StudySpec:
     def config_for(self, trial: optuna.Trial) -> TrainConfig:
         """The trial's configuration: the fixed settings plus one sampled value per searched field."""
         return self.base_config().replace(**{p.name: p.suggest(trial) for p in self.space})
+
+    def with_settings(self, settings: dict[str, Any]) -> StudySpec:
+        """The same study with some fixed settings changed (``--set epochs=2`` on `tune`): how the
+        smoke run and the tests shrink a shipped study. A searched field cannot be set."""
+        if not settings:
+            return self
+        searched = sorted(set(settings) & {p.name for p in self.space})
+        if searched:
+            raise ConfigError(f"{searched[0]!r} is searched by study {self.name}, so it cannot be set; "
+                              f"set only fixed fields")
+        fixed = {**self.fixed, **settings}
+        base = TrainConfig().replace(**fixed)  # unknown keys and bad values fail here, named
+        return replace(self, fixed={k: getattr(base, k) for k in fixed})
 
     def make_sampler(self, worker: int = 0) -> optuna.samplers.BaseSampler:
         """Parallel workers each get their own seed (seed + worker): with one seed they would sample alike."""

@@ -21,15 +21,15 @@ from pipeline.config import TrainConfig
 from pipeline.data import Splits, augment, shuffled_batches
 from pipeline.models import build_model
 
-EVAL_BATCH_SIZE = 2048  # images per forward pass when evaluating; memory-bound, not a hyperparameter
+PREDICT_BATCH_SIZE = 2048  # images per forward pass when predicting; bounds activation memory, not a hyperparameter
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int  # 1-based
-    train_loss: float  # mean training loss over the epoch, as optimized (label smoothing included)
-    train_accuracy: float  # fraction, measured on the fly in train mode (dropout on, augmented)
-    val_loss: float  # mean negative log-likelihood on the validation split
+    train_batch_loss: float  # mean loss over the epoch's training batches, as optimized (label smoothing included)
+    train_batch_accuracy: float  # fraction right on the training batches as trained (train mode: dropout, augmented)
+    val_loss: float  # mean negative log-likelihood on the validation split (no label smoothing), eval mode
     val_accuracy: float  # fraction
     lr: float  # learning rate at the end of the epoch
     train_seconds: float  # the optimization steps alone
@@ -97,8 +97,7 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
         seen = 0
         for images, labels in shuffled_batches(train_images, data.train_labels, config.batch_size, generator):
             if config.augment != "none":
-                crop_padding = 2 if config.augment == "crop-flip" else 0
-                images = augment(images, generator, fill=data.background, pad=crop_padding)
+                images = augment(images, generator, fill=data.background, crop=config.augment == "crop-flip")
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 log_probs = model(images)
@@ -110,18 +109,19 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             loss_sum += loss.detach() * len(labels)
             hits += (log_probs.argmax(dim=1) == labels).sum()
             seen += len(labels)
-        train_loss = loss_sum.item() / seen  # the epoch's one sync
+        loss_total, hit_total = torch.stack([loss_sum, hits.to(loss_sum.dtype)]).tolist()  # the epoch's one sync
+        train_loss = loss_total / seen
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(epoch, train_loss)
         train_seconds = time.perf_counter() - epoch_started
 
-        val_loss, val_accuracy = evaluate(model, data.val_images, data.val_labels)
+        val_loss, val_accuracy = nll_and_accuracy(model, data.val_images, data.val_labels)
         if config.schedule == "plateau":
             scheduler.step(val_accuracy)
         metrics = EpochMetrics(
             epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=hits.item() / seen,
+            train_batch_loss=train_loss,
+            train_batch_accuracy=hit_total / seen,
             val_loss=val_loss,
             val_accuracy=val_accuracy,
             lr=optimizer.param_groups[0]["lr"],
@@ -163,12 +163,12 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     with _autocast(device):
-        outputs = [model(images[start:start + EVAL_BATCH_SIZE].to(device)).float()
-                   for start in range(0, len(images), EVAL_BATCH_SIZE)]
+        outputs = [model(images[start:start + PREDICT_BATCH_SIZE].to(device)).float()
+                   for start in range(0, len(images), PREDICT_BATCH_SIZE)]
     return torch.cat(outputs)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def nll_and_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean negative log-likelihood and accuracy (a fraction) of ``model`` on the given split."""
     log_probs = predict_log_probs(model, images)
     labels = labels.to(log_probs.device)
@@ -180,7 +180,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+        # Nesterov needs momentum: with momentum 0 this is plain SGD (torch refuses nesterov=True there).
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
                                weight_decay=config.weight_decay)
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop over tensors.

@@ -1,13 +1,13 @@
 """Shared fixtures: a tiny synthetic Fashion-MNIST in the original IDX layout, and small configs.
 
 Each synthetic class k is a bright horizontal bar at rows 2k..2k+3 over noise, so a model can
-learn it in one or two epochs; the folder carries a SHA256SUMS manifest so the loader accepts it.
+learn it in one or two epochs. The pipeline takes it as a custom dataset ($FASHION_MNIST_CUSTOM_DIR,
+or ``custom=True``): the official checksums would rightly reject it.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 from pathlib import Path
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import ENV_VAR, RAW_FILES, FashionMNIST, make_splits
+from pipeline.data import CUSTOM_ENV_VAR, RAW_FILES, FashionMNIST, make_splits
 
 PER_CLASS_TRAIN = 60
 PER_CLASS_TEST = 20
@@ -48,15 +48,12 @@ def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0) -> Path
         "t10k-images-idx3-ubyte": idx_bytes(synthetic_images(test_labels, rng)),
         "t10k-labels-idx1-ubyte": idx_bytes(test_labels),
     }
-    manifest = []
     for name in RAW_FILES:
         content = contents[name]
         if compress:
             (folder / f"{name}.gz").write_bytes(gzip.compress(content))
         else:
             (folder / name).write_bytes(content)
-        manifest.append(f"{hashlib.sha256(content).hexdigest()}  {name}")
-    (folder / "SHA256SUMS").write_text("\n".join(manifest) + "\n")
     return folder
 
 
@@ -69,7 +66,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 def synthetic_dataset(synthetic_dir) -> FashionMNIST:
     from pipeline.data import load_fashion_mnist
 
-    return load_fashion_mnist(synthetic_dir)
+    return load_fashion_mnist(synthetic_dir, custom=True)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +76,9 @@ def synthetic_splits(synthetic_dataset):
 
 @pytest.fixture
 def synthetic_env(monkeypatch, synthetic_dir) -> dict[str, str]:
-    """The synthetic dataset as the one the pipeline finds, here and in subprocesses."""
-    monkeypatch.setenv(ENV_VAR, str(synthetic_dir))
-    return {**os.environ, ENV_VAR: str(synthetic_dir)}
+    """The synthetic dataset as the (custom) one the pipeline loads, here and in subprocesses."""
+    monkeypatch.setenv(CUSTOM_ENV_VAR, str(synthetic_dir))
+    return {**os.environ, CUSTOM_ENV_VAR: str(synthetic_dir)}
 
 
 @pytest.fixture
@@ -95,6 +92,24 @@ def _isolated_mlflow_store(tmp_path, monkeypatch):
     """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory, synthetic_dir):
+    """A store several tests of one module read, filled once (a tracked study costs seconds): yields a
+    function that switches this process to it, and the folder. Tests that write to it must not assume
+    they are alone in it."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("shared-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+
+    def use(monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv(CUSTOM_ENV_VAR, str(synthetic_dir))
+        mlflow.set_tracking_uri(uri)
+
+    return use, folder
 
 
 @pytest.fixture(autouse=True)

@@ -8,15 +8,18 @@ import sys
 
 import pytest
 
-from pipeline.data import ENV_VAR
+from pipeline.data import CUSTOM_ENV_VAR, ENV_VAR
 
 
-def run_cli(*args, data_dir, timeout=300):
-    env = {**os.environ, ENV_VAR: str(data_dir)}
+def run_cli(*args, data_dir, official=False, timeout=300):
+    """The CLI on ``data_dir``: a custom dataset (the synthetic one), or with ``official`` the place to
+    look for Fashion-MNIST's own files."""
+    env = {**os.environ, (ENV_VAR if official else CUSTOM_ENV_VAR): str(data_dir)}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_json_reports_the_three_accuracies(synthetic_dir):
     done = run_cli("train", "--epochs", "2", "--set", "val_size=200", "--set", "hidden_sizes=64,32",
                    "--set", "batch_size=32", "--device", "cpu", "--json", data_dir=synthetic_dir)
@@ -40,20 +43,22 @@ def test_a_bad_setting_is_one_line_naming_the_key(synthetic_dir, setting, named)
     assert len(lines) == 1 and named in lines[0], done.stderr
 
 
+@pytest.mark.slow
 def test_a_truncated_dataset_is_one_clear_error(tmp_path):
     from tests.conftest import write_dataset
 
     folder = write_dataset(tmp_path / "broken")
     images = folder / "train-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[: len(images.read_bytes()) // 2])
-    done = run_cli("train", "--epochs", "1", data_dir=folder)
+    done = run_cli("train", "--epochs", "1", data_dir=folder, official=True)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "truncated" in done.stderr and "make data" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_is_one_clear_error(tmp_path):
-    done = run_cli("train", "--epochs", "1", data_dir=tmp_path / "empty")
+    done = run_cli("train", "--epochs", "1", data_dir=tmp_path / "empty", official=True)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "not found" in done.stderr and "make data" in done.stderr
@@ -65,10 +70,11 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["evaluate-best"], ["tune", "--study", "mlp", "--trials", "1"]])
 def test_a_tracking_server_that_is_down_is_one_line_not_minutes_of_retries(tmp_path, synthetic_dir, command):
     uri = f"http://127.0.0.1:{_closed_port()}"
-    env = {**os.environ, ENV_VAR: str(synthetic_dir), "MLFLOW_TRACKING_URI": uri,
+    env = {**os.environ, CUSTOM_ENV_VAR: str(synthetic_dir), "MLFLOW_TRACKING_URI": uri,
            "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
     # MLflow's own retries would take about four minutes: the timeout catches a return to that.
     done = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True,
@@ -77,3 +83,63 @@ def test_a_tracking_server_that_is_down_is_one_line_not_minutes_of_retries(tmp_p
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and uri in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
+
+
+def test_ui_with_a_tracking_server_points_at_it_instead_of_serving_a_url_that_is_not_a_store(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://user:secret@127.0.0.1:5999"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "ui"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "http://user:***@127.0.0.1:5999" in done.stdout and "secret" not in done.stdout
+
+
+def _serves(url: str, process: subprocess.Popen, timeout: float = 90) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["dashboard", "ui"])
+def test_the_uis_serve_the_default_stores_on_loopback(tmp_path, command):
+    port = _closed_port()
+    env = {**os.environ, "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    if command == "dashboard":
+        import optuna
+
+        optuna.create_study(study_name="listed", storage=env["OPTUNA_STORAGE"])
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", command, "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        path = "/api/studies" if command == "dashboard" else "/health"
+        assert _serves(f"http://127.0.0.1:{port}{path}", process), process.stdout.read() if process.poll() else ""
+        if command == "dashboard":
+            import urllib.request
+
+            assert b"listed" in urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies").read()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_make_passes_a_store_only_when_the_user_sets_one():
+    import shutil
+
+    if not shutil.which("make"):
+        pytest.skip("no make")
+
+    def tune_recipe(*assignments):
+        done = subprocess.run(["make", "-n", "tune", *assignments], capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.dirname(__file__)))
+        return next(line for line in done.stdout.splitlines() if "pipeline tune" in line)
+
+    assert "--storage" not in tune_recipe()  # so $OPTUNA_STORAGE, or the default, decides in Python
+    assert "--storage 'sqlite:///elsewhere.db'" in tune_recipe("STORAGE=sqlite:///elsewhere.db")

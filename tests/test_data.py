@@ -10,25 +10,40 @@ from pipeline.data import (
 from tests.conftest import PER_CLASS_TEST, PER_CLASS_TRAIN, write_dataset
 
 
-def test_loads_the_idx_files_with_their_manifest(synthetic_dataset):
+def test_loads_a_custom_dataset_in_the_idx_layout(synthetic_dataset):
     assert synthetic_dataset.train_images.shape == (10 * PER_CLASS_TRAIN, 28, 28)
     assert synthetic_dataset.train_images.dtype == torch.uint8
     assert torch.bincount(synthetic_dataset.train_labels).tolist() == [PER_CLASS_TRAIN] * 10
     assert torch.bincount(synthetic_dataset.test_labels).tolist() == [PER_CLASS_TEST] * 10
-    assert len(synthetic_dataset.checksum) == 64
+    assert len(synthetic_dataset.checksum) == 64 and synthetic_dataset.kind == "custom"
 
 
 def test_plain_and_gzipped_files_load_to_the_same_data(tmp_path, synthetic_dataset):
-    plain = load_fashion_mnist(write_dataset(tmp_path / "plain", compress=False))
+    plain = load_fashion_mnist(write_dataset(tmp_path / "plain", compress=False), custom=True)
     assert torch.equal(plain.train_images, synthetic_dataset.train_images)
     assert plain.checksum == synthetic_dataset.checksum
 
 
-def test_content_other_than_the_official_files_is_rejected_without_a_manifest(tmp_path):
+def test_files_other_than_the_official_ones_are_refused_and_the_fix_is_named(tmp_path):
     folder = write_dataset(tmp_path / "unofficial")
-    (folder / "SHA256SUMS").unlink()
-    with pytest.raises(DatasetError, match="corrupt or truncated.*make data"):
+    with pytest.raises(DatasetError, match=f"corrupt or truncated.*make data.*{data.CUSTOM_ENV_VAR}"):
         load_fashion_mnist(folder)
+
+
+def test_a_stray_checksum_file_does_not_make_other_data_official(tmp_path):
+    # A SHA256SUMS beside the files once made the loader trust whatever it listed.
+    folder = write_dataset(tmp_path / "with-manifest", compress=False)
+    (folder / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
+                                               for n in data.RAW_FILES))
+    with pytest.raises(DatasetError, match="corrupt or truncated"):
+        load_fashion_mnist(folder)
+
+
+def test_a_custom_dataset_is_named_by_the_user_and_announced(tmp_path, monkeypatch, synthetic_dir, capsys):
+    monkeypatch.setenv(data.CUSTOM_ENV_VAR, str(synthetic_dir))
+    dataset = load_fashion_mnist()
+    assert dataset.custom and dataset.source == synthetic_dir
+    assert "custom dataset" in capsys.readouterr().err
 
 
 def test_a_truncated_gzip_file_gives_a_clear_error(tmp_path):
@@ -36,35 +51,21 @@ def test_a_truncated_gzip_file_gives_a_clear_error(tmp_path):
     images = folder / "train-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[:-300])
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz cannot be read.*truncated"):
-        load_fashion_mnist(folder)
-
-
-def test_a_flipped_byte_fails_the_checksum(tmp_path):
-    folder = write_dataset(tmp_path / "flipped", compress=False)
-    labels = folder / "train-labels-idx1-ubyte"
-    content = bytearray(labels.read_bytes())
-    content[20] ^= 1
-    labels.write_bytes(bytes(content))
-    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte is corrupt"):
-        load_fashion_mnist(folder)
+        load_fashion_mnist(folder, custom=True)
 
 
 def test_a_file_shorter_than_its_header_says_is_rejected(tmp_path):
-    # The checksum in the manifest matches the short file: only the IDX structure can catch it.
+    # A custom dataset has no checksums to catch it: the IDX structure does.
     folder = write_dataset(tmp_path / "short", compress=False)
     images = folder / "t10k-images-idx3-ubyte"
-    short = images.read_bytes()[:-28 * 28]
-    images.write_bytes(short)
-    manifest = (folder / "SHA256SUMS").read_text().splitlines()
-    manifest = [line if not line.endswith(" t10k-images-idx3-ubyte")
-                else f"{hashlib.sha256(short).hexdigest()}  t10k-images-idx3-ubyte" for line in manifest]
-    (folder / "SHA256SUMS").write_text("\n".join(manifest))
+    images.write_bytes(images.read_bytes()[:-28 * 28])
     with pytest.raises(DatasetError, match="test files .* are not valid IDX files"):
-        load_fashion_mnist(folder)
+        load_fashion_mnist(folder, custom=True)
 
 
 def test_a_missing_dataset_names_where_it_looked_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.delenv(data.CUSTOM_ENV_VAR, raising=False)
     monkeypatch.setattr(data, "REPO_DATA_DIR", tmp_path / "data")
     monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "usr-share")
     with pytest.raises(DatasetError) as raised:
@@ -74,9 +75,7 @@ def test_a_missing_dataset_names_where_it_looked_and_the_fix(tmp_path, monkeypat
     assert "make data" in message
 
 
-def test_the_environment_variable_is_used_alone(tmp_path, monkeypatch, synthetic_dir):
-    monkeypatch.setenv(data.ENV_VAR, str(synthetic_dir))
-    assert load_fashion_mnist().source == synthetic_dir
+def test_the_environment_variable_is_used_alone(tmp_path, monkeypatch):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
     with pytest.raises(DatasetError, match="nowhere"):
         load_fashion_mnist()
@@ -147,7 +146,7 @@ def test_shuffled_batches_visit_every_image_once():
 def test_augmentation_shifts_and_flips_each_image_within_the_padding():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(64, 1, 28, 28, generator=generator)
-    out = augment(images, generator, fill=-1.0, pad=2)
+    out = augment(images, generator, fill=-1.0, crop=True)
     assert out.shape == images.shape
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), value=-1.0)
     candidates = lambda i: [c for dy in range(5) for dx in range(5)
@@ -161,7 +160,7 @@ def test_augmentation_shifts_and_flips_each_image_within_the_padding():
 def test_flip_only_augmentation_keeps_every_pixel_row():
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(32, 1, 28, 28, generator=generator)
-    out = augment(images, generator, fill=0.0, pad=0)
+    out = augment(images, generator, fill=0.0, crop=False)
     flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(32)]
     kept = [torch.equal(out[i], images[i]) for i in range(32)]
     assert all(f or k for f, k in zip(flipped, kept))

@@ -73,3 +73,35 @@ def test_ctrl_c_during_training_interrupts_at_once_and_the_handler_is_restored()
         study.optimize(gate.objective(training), n_trials=3, callbacks=[gate.after_trial])
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_deferred_write_waits_for_the_write_to_end():
+    study = optuna.create_study()
+    gate = InterruptGate()
+    writes = []
+
+    def training(trial):
+        with gate.deferred():  # a trial's write to a store, as the objective does with MLflow and report()
+            os.kill(os.getpid(), signal.SIGINT)
+            writes.append("finished")  # reached only because the interrupt was held
+        raise AssertionError("not interrupted after the write")
+
+    with pytest.raises(KeyboardInterrupt), gate.holding():
+        study.optimize(gate.objective(training), n_trials=3, callbacks=[gate.after_trial])
+    assert writes == ["finished"]
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_ctrl_c_while_a_finished_trial_logs_lets_it_be_told_complete():
+    study = optuna.create_study()
+    gate = InterruptGate()
+
+    def trained(trial):
+        x = trial.suggest_float("x", 0, 1)
+        with gate.deferred(raise_after=False):  # logging the model of a trial that has finished training
+            os.kill(os.getpid(), signal.SIGINT)
+        return x
+
+    with pytest.raises(KeyboardInterrupt), gate.holding():
+        study.optimize(gate.objective(trained), n_trials=3, callbacks=[gate.after_trial])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]

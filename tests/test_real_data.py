@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import DEBIAN_DATA_DIR, ENV_VAR, OFFICIAL_SHA256, load_fashion_mnist, make_splits
+from pipeline.data import CUSTOM_ENV_VAR, DEBIAN_DATA_DIR, ENV_VAR, DatasetError, load_fashion_mnist, make_splits
 from pipeline.train import train
 
 pytestmark = pytest.mark.real_data
@@ -27,8 +27,22 @@ def test_the_real_dataset_is_the_published_one(real_dataset):
     assert torch.bincount(real_dataset.test_labels).tolist() == [1_000] * 10
     assert real_dataset.train_labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert (real_dataset.train_images.float() / 255).mean().item() == pytest.approx(0.2860, abs=5e-5)
-    assert set(OFFICIAL_SHA256) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
+    assert real_dataset.kind == "official"
+
+
+def test_one_changed_label_in_a_copy_of_the_real_files_is_refused(real_dataset, tmp_path):
+    import gzip
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(real_dataset.source, copy)
+    assert load_fashion_mnist(copy).checksum == real_dataset.checksum  # an exact copy is the official data
+    labels = copy / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[8 + 123] = (content[8 + 123] + 1) % 10  # one label, still a valid class
+    labels.write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.gz is corrupt"):
+        load_fashion_mnist(copy)
 
 
 def test_one_epoch_on_a_subset_passes_80_percent_validation(real_dataset):
@@ -57,25 +71,12 @@ scores = np.concatenate([model.predict(images[i:i + 2000].astype(np.float32)) fo
 print((scores.argmax(axis=1) == labels).mean())
 '''
 
-REAL_STUDY = """
-# real-smoke: one short trial on the real data, to exercise tune -> registry -> evaluate-best. Run: pytest
-trials = 1
-[fixed]
-model = "mlp"
-epochs = 1
-train_subset = 5000
-[search]
-dropout = { type = "float", low = 0.0, high = 0.2 }
-[pruner]
-name = "none"
-"""
-
 
 def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    study_file = tmp_path / "real-smoke.toml"
-    study_file.write_text(REAL_STUDY)
-    tuned = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--study", str(study_file), "--storage",
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, CUSTOM_ENV_VAR)}
+    # The shipped mlp study, shrunk to one trial of one epoch on 5,000 training images.
+    tuned = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--study", "mlp", "--trials", "1",
+                            "--set", "epochs=1", "--set", "train_subset=5000", "--storage",
                             f"sqlite:///{tmp_path / 'optuna.db'}", "--device", "cpu", "--json"],
                            capture_output=True, text=True, env=env, timeout=600)
     assert tuned.returncode == 0, tuned.stderr

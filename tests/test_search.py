@@ -1,48 +1,125 @@
-"""Tuning end to end on the synthetic dataset: pruning, failures, resuming after Ctrl-C, parallel workers."""
+"""Tuning end to end on the synthetic dataset, with the shipped study files shrunk (tests/shrunk.py):
+pruning, failures, budgets, storages, resuming after Ctrl-C or a kill, parallel workers."""
 
+import dataclasses
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import Session, format_summary, run_session
-from tests.tiny_study import storage_in, write_study
+from pipeline.search import Objective, format_summary, open_study, run_session
+from pipeline.stores import open_storage
+from pipeline.study_file import PRUNERS, SAMPLERS, load_study
+from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tune_command
+
+COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def load(folder, study="mlp"):
+    return optuna.load_study(study_name=study, storage=storage_in(folder))
+
 
 def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, synthetic_env):
-    study_file = write_study(tmp_path, lr_high=1e7)
-    summary = run_session(Session(str(study_file), storage_in(tmp_path), trials=6, timeout=None, device="cpu"))
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    by_number = {t.number: t for t in study.trials}
+    # The mlp study prunes from epoch 3 on, once two trials are complete: two that learn come first.
+    enqueue(tmp_path, "mlp", LEARNS, {**LEARNS, "lr": 2e-3}, HOPELESS, DIVERGES)
+    summary = run_session(session(tmp_path, trials=6, epochs=5))
+    trials = load(tmp_path).trials
 
-    good, hopeless, diverged = by_number[0], by_number[1], by_number[2]
+    good, hopeless, diverged = trials[0], trials[2], trials[3]
     assert good.state == TrialState.COMPLETE and good.value > 0.9
-    assert good.user_attrs["epochs_run"] == 4 and good.user_attrs["best_epoch"] >= 1 and good.user_attrs["seconds"] > 0
-    assert hopeless.state == TrialState.PRUNED and hopeless.user_attrs["epochs_run"] < 4
+    assert good.user_attrs["epochs_run"] == 5 and good.user_attrs["best_epoch"] >= 1 and good.user_attrs["seconds"] > 0
+    assert hopeless.state == TrialState.PRUNED and hopeless.user_attrs["epochs_run"] < 5
     assert diverged.state == TrialState.FAIL and "lower the learning rate" in diverged.user_attrs["fail_reason"]
 
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 6  # the failure did not stop the study, nor count towards its trials
-    assert summary["best_trial"]["number"] == study.best_trial.number
-    assert summary["epochs_budget"] == 6 * 4 and summary["epochs_run"] < summary["epochs_budget"]
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
+    assert len(finished) == 6  # the failure did not stop the study, nor count towards its target
+    assert summary["best_trial"]["number"] == load(tmp_path).best_trial.number
+    assert summary["epochs_unpruned"] == 6 * 5 and summary["epochs_run"] < summary["epochs_unpruned"]
     assert "pruning saved" in format_summary(summary)
 
 
+def test_a_new_study_starts_with_the_study_files_configuration(tmp_path, synthetic_env):
+    run_session(session(tmp_path, trials=2))
+    first = load(tmp_path).trials[0]
+    assert first.params == load_study("mlp").enqueue[0]  # `make train`'s defaults, as mlp.toml promises
+
+
 def test_running_a_finished_study_again_adds_nothing(tmp_path, synthetic_env):
-    study_file = write_study(tmp_path, trials=2, enqueue="")
-    session = Session(str(study_file), storage_in(tmp_path), trials=2, timeout=None, device="cpu")
-    run_session(session)
-    again = run_session(session)
+    run_session(session(tmp_path, trials=2))
+    again = run_session(session(tmp_path, trials=2))
     assert again["trials"] == 2
-    bigger = run_session(Session(**{**session.__dict__, "trials": 3}))
+    bigger = run_session(session(tmp_path, trials=3))
     assert bigger["trials"] == 3
 
 
-def tune_command(study_file, folder, *extra):
-    return [sys.executable, "-m", "pipeline", "tune", "--study", str(study_file), "--storage", storage_in(folder),
-            "--device", "cpu", *extra]
+def test_a_journal_file_holds_a_study_that_resumes(tmp_path, synthetic_env):
+    journal = str(tmp_path / "mlp.journal")  # a path, not a URL: Optuna's journal file storage
+    first = dataclasses.replace(session(tmp_path, trials=2), storage=journal)
+    run_session(first)
+    run_session(dataclasses.replace(first, target_trials=3))
+    study = optuna.load_study(study_name="mlp", storage=open_storage(journal))
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert all(t.state in COMPLETE_OR_PRUNED for t in study.trials)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_a_study_file_can_name_runs_trials(tmp_path, synthetic_dataset, sampler):
+    spec = dataclasses.replace(load_study("mlp").with_settings({"epochs": 1, "val_size": 200}),
+                               sampler={"name": sampler, "seed": 0})
+    study = open_study(spec, open_storage(storage_in(tmp_path)))
+    study.optimize(Objective(spec, synthetic_dataset, "cpu"), n_trials=2)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert study.trials[0].params != study.trials[1].params  # it sampled
+
+
+@pytest.mark.parametrize("pruner", sorted(PRUNERS))
+def test_every_pruner_a_study_file_can_name_is_asked_each_epoch(tmp_path, synthetic_dataset, pruner):
+    spec = dataclasses.replace(load_study("mlp").with_settings({"epochs": 3, "val_size": 200}),
+                               pruner={"name": pruner})
+    study = open_study(spec, open_storage(storage_in(tmp_path)))
+    study.optimize(Objective(spec, synthetic_dataset, "cpu"), n_trials=2)
+    assert all(t.state in COMPLETE_OR_PRUNED for t in study.trials)
+    assert all(len(t.intermediate_values) >= 1 for t in study.trials)
+
+
+def test_parallel_workers_draw_from_different_sampler_seeds(tmp_path, synthetic_dataset):
+    spec = load_study("mlp").with_settings({"epochs": 1, "val_size": 200})
+    firsts = []
+    for worker in (0, 1):
+        study = open_study(dataclasses.replace(spec, name=f"worker-{worker}"), open_storage(storage_in(tmp_path)),
+                           worker=worker)
+        study.optimize(Objective(spec, synthetic_dataset, "cpu"), n_trials=1)
+        firsts.append(study.trials[0].params)
+    assert firsts[0] != firsts[1]  # the same seed would have made both workers try the same configuration
+
+
+def test_tuning_never_reads_the_test_split(tmp_path, synthetic_dir, monkeypatch):
+    """Two stores, two datasets that differ only in their test files (the second's are noise): the same
+    seeded study must come out the same, trial for trial."""
+    import shutil
+
+    from pipeline.data import CUSTOM_ENV_VAR
+    from tests.conftest import idx_bytes
+
+    garbage = tmp_path / "garbage-test-split"
+    shutil.copytree(synthetic_dir, garbage)
+    noise = __import__("numpy").random.default_rng(1)
+    import gzip
+
+    (garbage / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(noise.integers(0, 256, (200, 28, 28)))))
+    (garbage / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(noise.integers(0, 10, 200))))
+
+    outcomes = []
+    for name, folder in (("clean", synthetic_dir), ("garbage", garbage)):
+        monkeypatch.setenv(CUSTOM_ENV_VAR, str(folder))
+        store = tmp_path / name
+        store.mkdir()
+        run_session(session(store, trials=3, epochs=2))
+        outcomes.append([(t.params, t.value, t.intermediate_values) for t in load(store).trials])
+    assert outcomes[0] == outcomes[1]
 
 
 def wait_for(condition, timeout=120):
@@ -54,85 +131,102 @@ def wait_for(condition, timeout=120):
     return False
 
 
-def test_ctrl_c_ends_the_running_trial_and_the_next_run_resumes(tmp_path, synthetic_env):
-    # Trials of about a second, so that the interrupt lands in the middle of one.
-    study_file = write_study(tmp_path, trials=8, epochs=30, hidden="[256, 256]", enqueue="")
-    process = subprocess.Popen(tune_command(study_file, tmp_path), env=synthetic_env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def trials_now(folder, states=None):
+    try:
+        return load(folder).get_trials(states=states)
+    except KeyError:  # not created yet
+        return []
 
-    def finished_trials():
-        try:
-            study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-        except KeyError:
-            return 0
-        return len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
-    assert wait_for(lambda: finished_trials() >= 2), process.communicate()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+def training_mid_epoch(folder):
+    """A trial that has reported an epoch and has more to go: all its parameters are sampled."""
+    return [t for t in trials_now(folder, (TrialState.RUNNING,)) if 0 < len(t.intermediate_values) < 100]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_ends_the_running_trials_and_the_next_run_resumes(tmp_path, synthetic_env, workers):
+    # 150-epoch trials (a few seconds each), so that the interrupt lands in the middle of one.
+    command = tune_command(tmp_path, "mlp", "--workers", str(workers), "--trials", "8", epochs=150)
+    process = subprocess.Popen(command, env=synthetic_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for(lambda: len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) >= 1 and training_mid_epoch(tmp_path)), \
+        process.communicate()
+    process.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` does; it passes it on to its workers
+    stdout, stderr = process.communicate(timeout=90)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "run the same command again" in stderr
 
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
-    kept = finished_trials()
-    assert 2 <= kept < 8
-    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    trials = trials_now(tmp_path)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    assert 1 <= len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) < 8
 
-    done = subprocess.run(tune_command(study_file, tmp_path), env=synthetic_env, text=True, capture_output=True,
-                          timeout=300)
+    done = subprocess.run(command, env=synthetic_env, text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    numbers = [t.number for t in study.trials]
-    assert numbers == list(range(len(numbers)))  # no duplicated or skipped trial numbers
-    assert finished_trials() == 8
-    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    trials = trials_now(tmp_path)
+    assert [t.number for t in trials] == list(range(len(trials)))  # no duplicated or skipped trial numbers
+    assert len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) >= 8
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
     for trial in interrupted:  # the interrupted parameters ran again
-        retries = [t for t in study.trials if t.user_attrs.get("retry_of") == trial.number]
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
         assert retries and retries[0].params == trial.params
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_without_storage_errors(tmp_path, synthetic_env):
-    study_file = write_study(tmp_path, trials=8, enqueue="")
-    done = subprocess.run(tune_command(study_file, tmp_path, "--workers", "2"), env=synthetic_env, text=True,
-                          capture_output=True, timeout=300)
+    done = subprocess.run(tune_command(tmp_path, "mlp", "--workers", "2", "--trials", "8"), env=synthetic_env,
+                          text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "locked" not in done.stderr and "Traceback" not in done.stderr
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    trials = trials_now(tmp_path)
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     assert 8 <= len(finished) <= 9  # two workers may each start one last trial at the same moment
-    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
-    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    assert len({t.number for t in trials}) == len(trials)
+    sampled = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(sampled)) == len(sampled)  # each worker its own seed: no configuration tried twice
 
 
+@pytest.mark.slow
+def test_the_timeout_ends_the_session_and_keeps_what_finished(tmp_path, synthetic_env):
+    done = subprocess.run(tune_command(tmp_path, "mlp", "--trials", "200", "--timeout", "3", "--json", epochs=60),
+                          env=synthetic_env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    finished = trials_now(tmp_path, COMPLETE_OR_PRUNED)
+    assert 1 <= len(finished) < 200
+    assert not trials_now(tmp_path, (TrialState.RUNNING,))  # the trial under way at the deadline finished
+    assert "Study mlp:" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_study_whose_every_trial_fails_stops_with_a_message(tmp_path, synthetic_env):
+    enqueue(tmp_path, "mlp", DIVERGES, DIVERGES, DIVERGES)
+    done = subprocess.run(tune_command(tmp_path, "mlp", "--trials", "3", "--no-tracking"), env=synthetic_env,
+                          text=True, capture_output=True, timeout=120)  # without the stop, it would go round forever
+    assert done.returncode == 0, done.stderr
+    assert "3 trials in a row failed; stopping" in done.stdout
+    assert [t.state for t in trials_now(tmp_path)] == [TrialState.FAIL] * 3
+
+
+@pytest.mark.slow
 def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path, synthetic_env, monkeypatch):
-    study_file = write_study(tmp_path, trials=4, epochs=30, hidden="[256, 256]", enqueue="")
-    process = subprocess.Popen(tune_command(study_file, tmp_path), env=synthetic_env,
+    process = subprocess.Popen(tune_command(tmp_path, "mlp", "--trials", "3", epochs=150), env=synthetic_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def running_trials():
-        try:
-            study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-        except KeyError:
-            return []
-        return study.get_trials(states=(TrialState.RUNNING,))
-
     # Kill it mid-training: a trial that has reported an epoch has all its parameters sampled (killed any earlier,
-    # the orphan has none and its retry rightly samples fresh ones). The first trial is never pruned, so it is
-    # still training when the kill lands.
-    assert wait_for(lambda: [t for t in running_trials() if t.number == 0 and 0 < len(t.intermediate_values) < 20])
+    # the orphan has none and its retry rightly samples fresh ones). The first trial is never pruned.
+    assert wait_for(lambda: [t for t in training_mid_epoch(tmp_path) if t.number == 0])
     process.kill()  # SIGKILL: no chance to clean up, the trial stays RUNNING
     process.wait()
-    (orphan,) = running_trials()
+    (orphan,) = trials_now(tmp_path, (TrialState.RUNNING,))
 
-    import pipeline.search as search
-    monkeypatch.setattr(search, "GRACE_SECONDS", 1)  # instead of waiting out the real grace period
-    time.sleep(search.GRACE_SECONDS + 1)
-    run_session(Session(str(study_file), storage_in(tmp_path), trials=4, timeout=None, device="cpu"))
+    import pipeline.stores as stores
+    monkeypatch.setattr(stores, "GRACE_SECONDS", 1)  # instead of waiting out the real grace period
+    time.sleep(stores.GRACE_SECONDS + 1)
+    run_session(session(tmp_path, trials=3, epochs=150))
 
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    assert study.trials[orphan.number].state == TrialState.FAIL
-    retried = [t for t in study.trials
+    trials = trials_now(tmp_path)
+    assert trials[orphan.number].state == TrialState.FAIL
+    retried = [t for t in trials
                if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
-    assert retried and retried[0].params == orphan.params and retried[0].state in (TrialState.COMPLETE,
-                                                                                   TrialState.PRUNED)
+    assert retried and retried[0].params == orphan.params and retried[0].state in COMPLETE_OR_PRUNED

@@ -1,7 +1,7 @@
 import pytest
 from optuna.trial import FixedTrial
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.study_file import StudyFileError, available_studies, load_study
 
 SHIPPED = ["cnn", "mlp", "mlp-random"]
@@ -36,7 +36,6 @@ def test_each_shipped_study_loads_and_its_space_builds_configs(name):
     assert isinstance(config, TrainConfig) and config.model == spec.fixed["model"]
     for enqueued in spec.enqueue:
         assert spec.config_for(FixedTrial(enqueued)).epochs == spec.max_epochs
-    spec.make_sampler(), spec.make_pruner()
 
 
 def test_the_mlp_study_starts_from_the_default_configuration():
@@ -98,3 +97,14 @@ def test_the_valid_template_loads(tmp_path):
 def test_a_missing_study_lists_the_ones_there_are():
     with pytest.raises(StudyFileError, match="no such study file.*mlp"):
         load_study("nope")
+
+
+def test_a_shipped_study_shrinks_by_its_fixed_settings_only():
+    spec = load_study("cnn")
+    shrunk = spec.with_settings({"epochs": "2", "train_subset": "1000"})
+    assert shrunk.max_epochs == 2 and shrunk.base_config().train_subset == 1000
+    assert shrunk.space == spec.space and shrunk.fixed["model"] == "cnn"  # the rest of the file holds
+    with pytest.raises(ConfigError, match="'lr' is searched by study cnn"):
+        spec.with_settings({"lr": "0.1"})
+    with pytest.raises(ConfigError, match="epochs"):
+        spec.with_settings({"epochs": "0"})

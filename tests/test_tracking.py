@@ -1,4 +1,5 @@
-"""MLflow tracking and the registry, on a temporary SQLite store (see conftest) and the synthetic dataset."""
+"""MLflow tracking and the registry, on a temporary SQLite store (see conftest) and the synthetic dataset,
+with the shipped studies shrunk (tests/shrunk.py)."""
 
 import mlflow
 import numpy as np
@@ -6,29 +7,32 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import Session, format_summary, run_session
-from pipeline.tracking import CHALLENGER, CHAMPION, REGISTERED_MODEL
-from tests.tiny_study import storage_in, write_study
-
-BAD_SECOND_STUDY = """
-[[enqueue]]
-lr = 1e-7
-optimizer = "adam"
-"""
+from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
+from pipeline.search import format_summary, run_session
+from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tracker_for
 
 
-def tune(folder, study_file, trials, **kwargs):
-    return run_session(Session(str(study_file), storage_in(folder), trials=trials, timeout=None, device="cpu",
-                               **kwargs))
+def tune(folder, study="mlp", *, trials, epochs=4):
+    tuning = session(folder, study, trials=trials, epochs=epochs)
+    return run_session(tuning, tracker_for(tuning))
+
+
+@pytest.fixture(scope="module")
+def _tracked_mlp_study(shared_store):
+    """The mlp study, tracked: two trials that learn, a hopeless one (pruned), a diverging one (failed)."""
+    use, folder = shared_store
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use(monkeypatch)
+        enqueue(folder, "mlp", LEARNS, {**LEARNS, "lr": 2e-3}, HOPELESS, DIVERGES)
+        summary = tune(folder, trials=4)
+    return summary, optuna.load_study(study_name="mlp", storage=storage_in(folder))
 
 
 @pytest.fixture
-def tracked_study(tmp_path, synthetic_env):
-    """The tiny study (a good trial, a hopeless one, a diverging one, then TPE) with tracking on."""
-    study_file = write_study(tmp_path, trials=4, lr_high=1e7)
-    summary = tune(tmp_path, study_file, trials=4)
-    study = optuna.load_study(study_name="tiny", storage=storage_in(tmp_path))
-    return summary, study
+def tracked_study(_tracked_mlp_study, shared_store, monkeypatch):
+    use, _ = shared_store
+    use(monkeypatch)
+    return _tracked_mlp_study
 
 
 def runs_by_trial(client, study_name):
@@ -40,7 +44,7 @@ def runs_by_trial(client, study_name):
 def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_study):
     summary, study = tracked_study
     client = mlflow.MlflowClient()
-    trial_runs, all_runs = runs_by_trial(client, "tiny")
+    trial_runs, all_runs = runs_by_trial(client, "mlp")
     parents = [r for r in all_runs if r.data.tags.get("kind") == "tuning-session"]
     assert len(parents) == 1 and summary["mlflow_parent_run_id"] == parents[0].info.run_id
 
@@ -50,13 +54,14 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
         run = trial_runs[trial.number]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # the link goes both ways
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert run.data.tags["study"] == "tiny" and run.data.tags["sampler"] == "tpe"
+        assert run.data.tags["study"] == "mlp" and run.data.tags["sampler"] == "tpe"
+        assert run.data.tags["dataset"] == "custom"  # the synthetic data are not Fashion-MNIST, and say so
         assert run.info.status == expected_status[trial.state]
         for tag in ("git_commit", "dataset_checksum", "device", "version.torch", "version.optuna"):
             assert run.data.tags[tag]
         assert run.data.params["lr"] == str(trial.params["lr"])  # the full config ...
         assert run.data.params["sampled.lr"] == str(trial.params["lr"])  # ... and what was sampled
-        assert run.data.params["hidden_sizes"] == "[32]"
+        assert run.data.params["epochs"] == "4" and run.data.params["val_size"] == "200"  # the shrunk settings
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_run"] + 1))
 
@@ -72,11 +77,13 @@ def test_the_session_run_carries_optunas_figures_and_the_summary(tracked_study):
     client = mlflow.MlflowClient()
     run_id = summary["mlflow_parent_run_id"]
     figures = {a.path for a in client.list_artifacts(run_id, "optuna")}
-    for name in ("optimization_history", "intermediate_values"):  # the others need more complete trials
+    for name in ("optimization_history", "intermediate_values", "param_importances"):
         assert {f"optuna/{name}.html", f"optuna/{name}.png"} <= figures  # interactive, and offline-proof
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")
     assert logged["best_trial"]["number"] == summary["best_trial"]["number"]
-    assert client.get_run(run_id).data.metrics["best_val_accuracy"] == summary["best_trial"]["val_accuracy"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["best_val_accuracy"] == summary["best_trial"]["val_accuracy"]
+    assert metrics["epochs_unpruned"] == summary["epochs_unpruned"] > metrics["epochs_run"]
 
 
 def test_the_summary_says_what_tracking_cost(tracked_study):
@@ -92,7 +99,7 @@ def test_the_summary_says_what_tracking_cost(tracked_study):
 def test_completed_trials_carry_confusion_matrix_per_class_metrics_and_curves(tracked_study):
     _, study = tracked_study
     client = mlflow.MlflowClient()
-    trial_runs, _ = runs_by_trial(client, "tiny")
+    trial_runs, _ = runs_by_trial(client, "mlp")
     best = study.best_trial
     run_id = trial_runs[best.number].info.run_id
     names = {a.path for a in client.list_artifacts(run_id)}
@@ -100,10 +107,14 @@ def test_completed_trials_carry_confusion_matrix_per_class_metrics_and_curves(tr
             "learning_curves.html"} <= names
     png = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/confusion_matrix.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"  # the image the UI previews, offline too
-    counts = mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")["counts"]
-    assert np.asarray(counts).sum() == 200  # the validation split
-    assert np.trace(np.asarray(counts)) / 200 == pytest.approx(best.value)
+    counts = np.asarray(mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")["counts"])
+    assert counts.sum() == 200 and (counts.sum(axis=1) == 20).all()  # the validation split, 20 a class
+    assert np.trace(counts) / 200 == pytest.approx(best.value)
+    per_class = mlflow.artifacts.load_dict(f"runs:/{run_id}/per_class_metrics.json")
+    assert per_class["Bag"]["recall"] == pytest.approx(counts[8, 8] / 20)
     assert client.get_run(run_id).data.metrics["best_val_accuracy"] == pytest.approx(best.value)
+    curves = mlflow.artifacts.load_text(f"runs:/{run_id}/learning_curves.html")
+    assert "label-smoothed" in curves and "validation loss (NLL)" in curves  # two different losses, named
 
 
 def test_the_best_model_becomes_champion_and_predicts_on_raw_pixels(tracked_study, synthetic_dataset):
@@ -111,7 +122,7 @@ def test_the_best_model_becomes_champion_and_predicts_on_raw_pixels(tracked_stud
     assert summary["promotion"]["outcome"] == "promoted to champion"
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-    assert version.tags["trial"] == str(study.best_trial.number) and version.tags["study"] == "tiny"
+    assert version.tags["trial"] == str(study.best_trial.number) and version.tags["study"] == "mlp"
     assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value)
 
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
@@ -122,21 +133,43 @@ def test_the_best_model_becomes_champion_and_predicts_on_raw_pixels(tracked_stud
     assert accuracy > 0.9
 
 
-def test_a_worse_study_does_not_move_the_champion(tracked_study, tmp_path):
-    second = tmp_path / "second"
-    second.mkdir()
-    study_file = write_study(second, trials=1, epochs=1, enqueue=BAD_SECOND_STUDY)
-    study_file = study_file.rename(second / "tiny-worse.toml")
-    summary = tune(second, study_file, trials=1)
+def test_running_the_same_study_again_keeps_its_champion_without_a_new_version(tracked_study, shared_store):
+    summary, _ = tracked_study
+    versions = lambda: len(mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_MODEL}'"))
+    before = versions()
+    again = tune(shared_store[1], trials=4)  # the target is met: no new trial, the same best trial
+    assert again["promotion"]["outcome"] == "already champion"
+    assert again["promotion"]["version"] == summary["promotion"]["version"]
+    assert versions() == before
+
+
+def test_a_worse_study_becomes_challenger_and_the_champion_stays(tracked_study, tmp_path):
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    enqueue(worse, "mlp-random", HOPELESS)
+    summary = tune(worse, "mlp-random", trials=1)
     assert summary["promotion"]["outcome"].startswith("challenger")
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     challenger = client.get_model_version_by_alias(REGISTERED_MODEL, CHALLENGER)
-    assert champion.tags["study"] == "tiny" and challenger.tags["study"] == "tiny-worse"
+    assert champion.tags["study"] == "mlp" and challenger.tags["study"] == "mlp-random"
+
+
+@pytest.mark.slow
+def test_a_better_study_takes_the_champion_alias(tmp_path, synthetic_env):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    enqueue(first, "mlp-random", HOPELESS)
+    assert tune(first, "mlp-random", trials=1)["promotion"]["outcome"] == "promoted to champion"
+    enqueue(second, "mlp", LEARNS)
+    summary = tune(second, trials=1)
+    assert summary["promotion"]["outcome"] == "promoted to champion"
+    champion = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    assert champion.tags["study"] == "mlp" and int(champion.version) == summary["promotion"]["version"] == 2
 
 
 def test_tuning_works_with_tracking_off(tmp_path, synthetic_env):
-    summary = tune(tmp_path, write_study(tmp_path, trials=3), trials=3, tracking=False)
+    summary = run_session(session(tmp_path, trials=3))  # no tracker: the null one
     assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == 3
     assert "promotion" not in summary and "trial_tracking_seconds" not in summary
     assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,114 @@
+"""Every figure the project draws: for trial runs, tuning sessions and the evaluation report.
+
+Two kinds: plotly figures (interactive, for HTML) and matplotlib figures (images, which the MLflow
+UI shows without loading anything from the internet). Functions only build figures; logging them
+is tracking's job, embedding them is the report's.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from pipeline.data import CLASSES
+from pipeline.train import EpochMetrics
+
+OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+
+
+def confusion_matrix_plotly(matrix: np.ndarray, title: str):
+    import plotly.graph_objects as go
+
+    figure = go.Figure(go.Heatmap(z=matrix, x=list(CLASSES), y=list(CLASSES), colorscale="Blues",
+                                  text=matrix, texttemplate="%{text}", hovertemplate="true %{y}<br>predicted %{x}<br>%{z}"))
+    figure.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed")
+    return figure
+
+
+def confusion_matrix_matplotlib(matrix: np.ndarray, title: str):
+    """The same heatmap as an image (no pyplot: no global state, no display needed)."""
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(matrix)
+    figure = Figure(figsize=(7, 6), layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(matrix, cmap="Blues")
+    threshold = matrix.max() / 2
+    for (true, predicted), count in np.ndenumerate(matrix):
+        axes.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                  color="white" if count > threshold else "black")
+    axes.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    axes.set_yticks(range(len(CLASSES)), CLASSES)
+    axes.set(title=title, xlabel="predicted", ylabel="true")
+    return figure
+
+
+def learning_curves(history: list[EpochMetrics]):
+    """Loss and accuracy per epoch. The training side is what the optimizer saw (label-smoothed loss,
+    augmented batches, dropout on); the validation side is plain NLL and accuracy in eval mode: the
+    legend says so, since the two losses are not the same quantity."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    epochs = [m.epoch for m in history]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
+    curves = (("train_batch_loss", "train loss (label-smoothed, as optimized)", 1),
+              ("val_loss", "validation loss (NLL)", 1),
+              ("train_batch_accuracy", "train accuracy (training batches, dropout on)", 2),
+              ("val_accuracy", "validation accuracy", 2))
+    for field, label, column in curves:
+        figure.add_trace(go.Scatter(x=epochs, y=[getattr(m, field) for m in history], name=label), row=1, col=column)
+    figure.update_xaxes(title_text="epoch")
+    return figure
+
+
+def optuna_figures(study, *, backend: str = "plotly") -> dict:
+    """Optuna's figures for the study, plotly (interactive) or matplotlib (images); a figure its
+    trials cannot support yet is left out."""
+    from optuna import visualization
+
+    plots = visualization if backend == "plotly" else visualization.matplotlib
+    figures = {}
+    for name in OPTUNA_FIGURES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "too few trials to compute importances", "experimental"
+                figure = getattr(plots, f"plot_{name}")(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue  # e.g. parameter importances need two complete trials with different values
+        figures[name] = figure if backend == "plotly" else figure.figure  # matplotlib's plots return Axes
+    return figures
+
+
+def per_class_bars(per_class: dict):
+    import plotly.graph_objects as go
+
+    figure = go.Figure([go.Bar(name=label, x=list(CLASSES), y=[per_class[c][key] for c in CLASSES])
+                        for label, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1-score"))])
+    figure.update_layout(title="Per-class precision, recall and F1", barmode="group", yaxis_range=[0, 1])
+    return figure
+
+
+def reliability_diagram(bins: list[dict], expected_calibration_error: float, n_bins: int):
+    import plotly.graph_objects as go
+
+    figure = go.Figure([
+        go.Bar(x=[(b["low"] + b["high"]) / 2 for b in bins], y=[b["accuracy"] for b in bins],
+               width=1 / n_bins, name="accuracy", customdata=[b["count"] for b in bins],
+               hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.3f}<br>%{customdata} images"),
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line={"dash": "dash"}),
+    ])
+    figure.update_layout(title=f"Reliability diagram (expected calibration error {expected_calibration_error:.4f})",
+                         xaxis_title="confidence", yaxis_title="accuracy", xaxis_range=[0, 1], yaxis_range=[0, 1])
+    return figure
+
+
+def pruning_curve(sweep: list[dict]):
+    import plotly.graph_objects as go
+
+    figure = go.Figure(go.Scatter(x=[p["sparsity"] * 100 for p in sweep], y=[p["test_accuracy"] for p in sweep],
+                                  mode="lines+markers"))
+    figure.update_layout(title="Test accuracy against weight sparsity (global magnitude pruning)",
+                         xaxis_title="weights set to zero (%)", yaxis_title="test accuracy")
+    return figure

@@ -1,0 +1,110 @@
+"""The MLflow model registry: register a study's best model, promote it, find a version again.
+
+A version's validation accuracy is its `val_accuracy` tag, written and read here only. Promotion
+compares validation accuracies; the test split plays no part in it.
+"""
+
+from __future__ import annotations
+
+REGISTERED_MODEL = "fashion-mnist-classifier"
+CHAMPION, CHALLENGER = "champion", "challenger"
+VAL_ACCURACY_TAG = "val_accuracy"
+
+
+class RegistryError(RuntimeError):
+    """The registry, the model or the alias cannot be found or reached; the message gives the fix."""
+
+
+def val_accuracy_of(model_version) -> float | None:
+    """The validation accuracy a version was registered with; None when the tag is missing or not a number."""
+    try:
+        return float(model_version.tags[VAL_ACCURACY_TAG])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def register(model_uri: str, run_id: str, *, val_accuracy: float, study: str, trial: int,
+             name: str = REGISTERED_MODEL):
+    """A new version of ``name`` for the trial's logged model, or the version that run already has
+    (a study run again without a new best is not registered twice)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        return existing[0]
+    version = mlflow.register_model(model_uri, name, tags={
+        VAL_ACCURACY_TAG: f"{val_accuracy:.6f}", "study": study, "trial": str(trial), "run_id": run_id})
+    client.update_model_version(name, version.version, description=(
+        f"Best trial ({trial}) of Optuna study {study}: validation accuracy {val_accuracy:.4%}. "
+        f"Takes raw pixels 0-255, float32 (N, 28, 28); returns class probabilities (N, 10)."))
+    return version
+
+
+def promote(version, *, name: str = REGISTERED_MODEL) -> str:
+    """Move ``champion`` to ``version`` if its validation accuracy beats the champion's (or there is
+    none); otherwise mark it ``challenger``. Returns what happened, in words."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None and champion.version == version.version:
+        return "already champion"
+    champion_accuracy = val_accuracy_of(champion) if champion is not None else None
+    if champion is None or champion_accuracy is None or val_accuracy_of(version) > champion_accuracy:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        return "promoted to champion"
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return f"challenger (champion v{champion.version} has {champion_accuracy:.2%})"
+
+
+def promote_best_trial(study) -> dict | None:
+    """Register the study's best trial's model and promote it; None when there is nothing to register."""
+    try:
+        best = study.best_trial
+    except ValueError:  # no complete trial
+        return None
+    model_uri, run_id = best.user_attrs.get("model_uri"), best.user_attrs.get("mlflow_run_id")
+    if not model_uri:
+        return None
+    version = register(model_uri, run_id, val_accuracy=best.value, study=study.study_name, trial=best.number)
+    return {"model": REGISTERED_MODEL, "version": int(version.version), "val_accuracy": best.value,
+            "outcome": promote(version)}
+
+
+def resolve_version(name: str, *, alias: str | None, version: int | None):
+    """The model version an alias or number names, with one clear error for each way it can be missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.stores import redact
+
+    client = mlflow.MlflowClient()
+    uri = redact(mlflow.get_tracking_uri())
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
+            raise RegistryError(f"no registered model {name!r} in {uri}. Fix: run `make tune` first (it "
+                                f"registers the best model), or set MLFLOW_TRACKING_URI to the store that has it.") from None
+        raise RegistryError(f"cannot read the model registry at {uri}: {_first_line(error)}. Fix: check "
+                            f"MLFLOW_TRACKING_URI (is the server running?).") from None
+    except Exception as error:  # connection refused, DNS, ... (raised by the REST client)
+        raise RegistryError(f"cannot reach the tracking server at {uri}: {_first_line(error)}. Fix: start it, "
+                            f"or set MLFLOW_TRACKING_URI to a reachable one.") from None
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        wanted = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise RegistryError(f"model {name!r} has no {wanted} in {uri}. Fix: run `make tune` until a model is "
+                            f"promoted, or pick another with --version N / --alias NAME.") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
