@@ -111,9 +111,8 @@ class Objective:
         epochs_run = 0
         tracker = self.new_tracker()
         with self.deferred():
-            run_id = tracker.start(trial.number, config, trial.params, self.run_tags)
-            if run_id:
-                trial.set_user_attr("mlflow_run_id", run_id)  # and the run carries the study and trial as tags
+            tracker.start(trial.number, config, trial.params, self.run_tags)
+            _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
 
         def on_epoch_end(epoch, metrics):
             nonlocal epochs_run
@@ -155,13 +154,17 @@ class Objective:
             with self.deferred(raise_after=False):
                 trial.set_user_attr("epochs_run", epochs_run)
                 trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-                if run_id:
-                    trial.set_user_attr("tracking_seconds", round(tracker.seconds, 2))  # of which in MLflow calls
+                _set_user_attrs(trial, tracker.trial_attributes())  # with its seconds inside MLflow calls
         with self.deferred(raise_after=False):
             trial.set_user_attr("best_epoch", result.best_epoch)
             if model_uri:
                 trial.set_user_attr("model_uri", model_uri)
         return result.best_val_accuracy
+
+
+def _set_user_attrs(trial: optuna.Trial, attributes: dict) -> None:
+    for key, value in attributes.items():
+        trial.set_user_attr(key, value)
 
 
 def _improves_on_best(trial: optuna.Trial, value: float) -> bool:
@@ -211,10 +214,7 @@ def run_session(session: Session, tracker=None) -> dict:
     if promotion:
         summary["promotion"] = promotion
     tracker.finish(study, summary)
-    if tracker.run_id:
-        summary["mlflow_parent_run_id"] = tracker.run_id
-        # Outside the trials: the parent run, Optuna's figures, registration and aliases.
-        summary["session_tracking_seconds"] = round(tracker.seconds, 1)
+    summary.update(tracker.summary_fields())
     summary["session_seconds"] = round(time.time() - started, 1)
     return summary
 

@@ -128,6 +128,10 @@ class TrialTracker:
                    params={**asdict(config), **{f"sampled.{k}": v for k, v in sampled.items()}})
         return self.run_id
 
+    def trial_attributes(self) -> dict:
+        """What the Optuna trial records of its run: the run's id and the seconds spent in MLflow calls."""
+        return {"mlflow_run_id": self.run_id, "tracking_seconds": round(self.seconds, 2)}
+
     @_timed
     def log_epoch(self, metrics: EpochMetrics) -> None:
         log_values(self.client, self.run_id, {k: v for k, v in asdict(metrics).items() if k != "epoch"},
@@ -173,11 +177,11 @@ class TrialTracker:
 class NullTrialTracker:
     """Tracking off: the same methods, doing nothing."""
 
-    run_id = None
-    seconds = 0.0
-
     def start(self, trial_number, config, sampled, tags):
         return None
+
+    def trial_attributes(self):
+        return {}
 
     def log_epoch(self, metrics):
         pass
@@ -232,6 +236,11 @@ class SessionTracker:
         self.tags = tags
         self.seconds = time.perf_counter() - started  # in MLflow calls outside the trials
 
+    def summary_fields(self) -> dict:
+        """The session summary's tracking lines: the parent run, and the seconds spent in MLflow calls
+        outside the trials (the parent run, Optuna's figures, registration and aliases)."""
+        return {"mlflow_parent_run_id": self.run_id, "session_tracking_seconds": round(self.seconds, 1)}
+
     def trial_trackers(self) -> TrialTrackers:
         return TrialTrackers(self.experiment_id, self.run_id, {**self.tags, **environment_tags()})
 
@@ -268,8 +277,8 @@ class SessionTracker:
 class NullSessionTracker:
     """Tracking off: no parent run, trial runs, figures or promotion."""
 
-    run_id = None
-    seconds = 0.0
+    def summary_fields(self):
+        return {}
 
     def trial_trackers(self):
         return NullTrialTracker
