@@ -50,9 +50,9 @@ def short_study_file(folder: Path, *, trials: int, epochs: int) -> str:
 def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool) -> tuple[float, dict]:
     """One session in fresh stores under ``folder``, wired as the CLI wires `make tune` (with or without
     tracking); returns its wall time and summary."""
-    from pipeline.search import Session, run_session, study_tags
+    from pipeline.search import Session, run_session
     from pipeline.stores import configure_mlflow
-    from pipeline.tracking import NullSessionTracker, SessionTracker
+    from pipeline.tracking import session_tracker
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     session = Session(study_file, f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None)
@@ -62,9 +62,7 @@ def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool)
         configure_mlflow()
         mlflow.MlflowClient().search_experiments()  # creates the store's tables
     started = time.perf_counter()
-    spec = session.load_spec()
-    tracker = SessionTracker(spec.name, study_tags(spec, session.storage)) if tracking else NullSessionTracker()
-    summary = run_session(session, tracker)
+    summary = run_session(session, session_tracker(session.load_spec(), session.storage, enabled=tracking))
     return time.perf_counter() - started, summary
 
 

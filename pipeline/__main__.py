@@ -181,10 +181,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from pipeline.search import Session, format_summary, run_session, study_tags
+    from pipeline.search import Session, format_summary, run_session
     from pipeline.stores import redact, storage_url
     from pipeline.study_file import load_study
-    from pipeline.tracking import NullSessionTracker, SessionTracker
+    from pipeline.tracking import session_tracker
 
     settings = parse_overrides(args.overrides)
     spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
@@ -199,7 +199,7 @@ def run_tune(args: argparse.Namespace) -> int:
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
     print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
           f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
-    tracker = SessionTracker(spec.name, study_tags(spec, session.storage)) if args.tracking else NullSessionTracker()
+    tracker = session_tracker(spec, session.storage, enabled=args.tracking)
     try:
         summary = run_session(session, tracker)
     except KeyboardInterrupt:

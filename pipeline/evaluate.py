@@ -119,8 +119,10 @@ def log_evaluation_run(result: dict, folder: Path) -> str:
     client.log_artifact(run_id, str(folder / "metrics.json"))
     log_confusion_matrix(client, run_id, result["confusion_matrix"], "Test confusion matrix", "test_confusion_matrix")
     client.set_terminated(run_id, "FINISHED")
-    client.set_model_version_tag(result["model"], str(result["version"]), "test_accuracy", f"{result['test_accuracy']:.6f}")
-    client.set_model_version_tag(result["model"], str(result["version"]), "evaluation_run_id", run_id)
+    if result["dataset"] == "official":  # a custom dataset's score is not the version's test accuracy
+        client.set_model_version_tag(result["model"], str(result["version"]), "test_accuracy",
+                                     f"{result['test_accuracy']:.6f}")
+        client.set_model_version_tag(result["model"], str(result["version"]), "evaluation_run_id", run_id)
     return run_id
 
 

@@ -45,18 +45,18 @@ def confusion_matrix_matplotlib(matrix: np.ndarray, title: str):
 
 
 def learning_curves(history: list[EpochMetrics]):
-    """Loss and accuracy per epoch. The training side is what the optimizer saw (label-smoothed loss,
-    augmented batches, dropout on); the validation side is plain NLL and accuracy in eval mode: the
-    legend says so, since the two losses are not the same quantity."""
+    """Loss and accuracy per epoch. The training loss is what the optimizer minimized (label-smoothed,
+    on augmented batches with dropout on); the validation loss is plain NLL in eval mode. They are not
+    the same quantity, so each gets its own axis; the accuracies share one."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     epochs = [m.epoch for m in history]
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
-    curves = (("train_batch_loss", "train loss (label-smoothed, as optimized)", 1),
-              ("val_loss", "validation loss (NLL)", 1),
-              ("train_batch_accuracy", "train accuracy (training batches, dropout on)", 2),
-              ("val_accuracy", "validation accuracy", 2))
+    figure = make_subplots(rows=1, cols=3, subplot_titles=(
+        "training loss (label-smoothed, as optimized)", "validation loss (NLL)", "accuracy"))
+    curves = (("train_batch_loss", "training loss", 1), ("val_loss", "validation loss", 2),
+              ("train_batch_accuracy", "train accuracy (training batches, dropout on)", 3),
+              ("val_accuracy", "validation accuracy", 3))
     for field, label, column in curves:
         figure.add_trace(go.Scatter(x=epochs, y=[getattr(m, field) for m in history], name=label), row=1, col=column)
     figure.update_xaxes(title_text="epoch")

@@ -1,7 +1,9 @@
 """The MLflow model registry: register a study's best model, promote it, find a version again.
 
 A version's validation accuracy is its `val_accuracy` tag, written and read here only. Promotion
-compares validation accuracies; the test split plays no part in it.
+compares validation accuracies; the test split plays no part in it. Accuracies on different data
+do not compare: a model trained on a custom dataset never displaces a champion trained on other
+data, and one trained on the official Fashion-MNIST displaces a champion trained on custom data.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ def val_accuracy_of(model_version) -> float | None:
 def register(model_uri: str, run_id: str, *, val_accuracy: float, study: str, trial: int,
              name: str = REGISTERED_MODEL):
     """A new version of ``name`` for the trial's logged model, or the version that run already has
-    (a study run again without a new best is not registered twice)."""
+    (a study run again without a new best is not registered twice). The version carries the run's
+    dataset tags, so that promotion compares like with like."""
     import mlflow
 
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:
         return existing[0]
+    run_tags = client.get_run(run_id).data.tags
+    dataset = {k: run_tags[k] for k in ("dataset", "dataset_checksum") if k in run_tags}
     version = mlflow.register_model(model_uri, name, tags={
-        VAL_ACCURACY_TAG: f"{val_accuracy:.6f}", "study": study, "trial": str(trial), "run_id": run_id})
+        VAL_ACCURACY_TAG: f"{val_accuracy:.6f}", "study": study, "trial": str(trial), "run_id": run_id, **dataset})
     client.update_model_version(name, version.version, description=(
         f"Best trial ({trial}) of Optuna study {study}: validation accuracy {val_accuracy:.4%}. "
         f"Takes raw pixels 0-255, float32 (N, 28, 28); returns class probabilities (N, 10)."))
@@ -55,11 +60,22 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
     if champion is not None and champion.version == version.version:
         return "already champion"
     champion_accuracy = val_accuracy_of(champion) if champion is not None else None
-    if champion is None or champion_accuracy is None or val_accuracy_of(version) > champion_accuracy:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return "promoted to champion"
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return f"challenger (champion v{champion.version} has {champion_accuracy:.2%})"
+    if champion is None or champion_accuracy is None:
+        promoted, why = True, ""
+    elif not _same_data(champion, version):
+        promoted = version.tags.get("dataset") == "official"
+        why = f" (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
+    else:
+        promoted = val_accuracy_of(version) > champion_accuracy
+        why = "" if promoted else f" (champion v{champion.version} has {champion_accuracy:.2%})"
+    client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version.version)
+    return ("promoted to champion" if promoted else "challenger") + why
+
+
+def _same_data(champion, candidate) -> bool:
+    """Whether two versions were trained on the same data; versions without the tag count as the same."""
+    ours, theirs = champion.tags.get("dataset_checksum"), candidate.tags.get("dataset_checksum")
+    return ours is None or theirs is None or ours == theirs
 
 
 def promote_best_trial(study) -> dict | None:

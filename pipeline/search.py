@@ -1,4 +1,4 @@
-"""Optuna: storage, the objective (through the shared trainer), worker processes, the session summary.
+"""Optuna: the study, the objective (through the shared trainer), worker processes, the session summary.
 
 Pruning lives in the trainer's ``on_epoch_end`` callback: report the epoch's validation
 accuracy, ask the pruner, raise ``optuna.TrialPruned``. The trainer stays Optuna-free.
@@ -52,14 +52,6 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     return study
 
 
-def study_tags(spec: StudySpec, storage: str) -> dict[str, str]:
-    """What every run of the study is tagged with: the study, its sampler and pruner, and where it is stored."""
-    from pipeline.stores import redact
-
-    return {"study": spec.name, "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
-            "optuna_storage": redact(storage)}
-
-
 def _requeue_interrupted(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("retry_of") for t in trials}
@@ -106,6 +98,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.spec.config_for(trial)
+        trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (a --set may change it)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
         epochs_run = 0
@@ -196,18 +189,19 @@ def run_session(session: Session, tracker=None) -> dict:
     promotion) or, by default, a NullSessionTracker. Ctrl-C ends the running trials (as FAIL,
     re-queued next time) and raises KeyboardInterrupt once every worker has stopped."""
     tracker = tracker or NullSessionTracker()
-    spec = session.load_spec()
-    quiet_optuna()
-    study = prepare_study(spec, open_storage(session.storage))
-    started = time.time()
-    trial_trackers = tracker.trial_trackers()
+    study, started = None, time.time()
     try:
+        spec = session.load_spec()
+        quiet_optuna()
+        study = prepare_study(spec, open_storage(session.storage))
+        trial_trackers = tracker.trial_trackers()
         if session.workers == 1:
             _work(session, trial_trackers, worker=0, started=started)
         else:
             _run_worker_processes(session, trial_trackers, started)
-    except KeyboardInterrupt:
-        tracker.finish(study, summarize(study, spec, seconds=time.time() - started), status="KILLED")
+    except BaseException as error:  # the parent run ends with the session, never left RUNNING
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        tracker.finish(study, summarize(study, spec, seconds=time.time() - started) if study else None, status=status)
         raise
     summary = summarize(study, spec, seconds=time.time() - started)
     promotion = tracker.promote(study)
@@ -268,6 +262,7 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
         if objective is None:
             objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred))
         before = _count_complete_or_pruned(study)
+        failed_before = _count_failed(study)
         with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
             study.optimize(
                 objective,
@@ -281,13 +276,19 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
                     gate.after_trial,
                 ],
             )
-        if _count_complete_or_pruned(study) == before:
-            print(f"worker {worker}: {remaining} trials in a row failed; stopping", flush=True)
+        out_of_time = deadline is not None and time.time() >= deadline
+        if _count_complete_or_pruned(study) == before and not out_of_time:
+            failed = _count_failed(study) - failed_before
+            print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
             return
 
 
 def _count_complete_or_pruned(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COMPLETE_OR_PRUNED))
+
+
+def _count_failed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
 
 class ProgressLine:
@@ -326,7 +327,7 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
         "states": dict(counts),
         "epochs_run": epochs_run,
         # What the complete and pruned trials would have run without pruning: each its maximum epochs.
-        "epochs_unpruned": len(finished) * spec.max_epochs,
+        "epochs_unpruned": sum(t.user_attrs.get("max_epochs", spec.max_epochs) for t in finished),
         "session_seconds": round(seconds, 1),
         "best_trial": None,
     }

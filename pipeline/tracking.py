@@ -252,12 +252,16 @@ class SessionTracker:
         return promote_best_trial(study)
 
     @_timed
-    def finish(self, study, summary: dict, *, status: str = "FINISHED") -> None:
-        """Optuna's figures, the best value and parameters, and the summary, on the parent run."""
+    def finish(self, study, summary: dict | None, *, status: str = "FINISHED") -> None:
+        """Optuna's figures, the best value and parameters, and the summary, on the parent run; then end
+        it with ``status``. Without a study (the session failed before it had one) it only ends the run."""
         import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 
         from pipeline.figures import optuna_figures
 
+        if study is None:
+            self.client.set_terminated(self.run_id, status)
+            return
         for name, figure in optuna_figures(study).items():
             self.client.log_figure(self.run_id, figure, f"optuna/{name}.html")
         for name, figure in optuna_figures(study, backend="matplotlib").items():
@@ -272,6 +276,19 @@ class SessionTracker:
                         "epochs_unpruned": summary["epochs_unpruned"]},
                        params={**{f"best.{k}": v for k, v in best["params"].items()}, "best.trial": best["number"]})
         self.client.set_terminated(self.run_id, status)
+
+
+def session_tracker(spec, storage: str, *, enabled: bool = True):
+    """The tracker a tuning session gets: a SessionTracker (MLflow), or with ``enabled`` False the null one."""
+    return SessionTracker(spec.name, study_tags(spec, storage)) if enabled else NullSessionTracker()
+
+
+def study_tags(spec, storage: str) -> dict[str, str]:
+    """What every run of the study is tagged with: the study, its sampler and pruner, and where it is stored."""
+    from pipeline.stores import redact
+
+    return {"study": spec.name, "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
+            "optuna_storage": redact(storage)}
 
 
 class NullSessionTracker:

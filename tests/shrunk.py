@@ -13,8 +13,8 @@ import warnings
 
 import optuna
 
-from pipeline.search import Session, study_tags
-from pipeline.tracking import SessionTracker
+from pipeline.search import Session
+from pipeline.tracking import session_tracker
 
 SYNTHETIC = {"val_size": "200"}  # the synthetic dataset has 600 training images
 # Searched values for the `mlp` study; values out of its ranges are what make these trials what they are.
@@ -38,10 +38,9 @@ def session(folder, study: str = "mlp", *, trials: int, epochs: int = 3, timeout
                    settings=settings(epochs, **more))
 
 
-def tracker_for(session: Session) -> SessionTracker:
+def tracker_for(session: Session):
     """The MLflow session tracker the CLI would wire for this session."""
-    spec = session.load_spec()
-    return SessionTracker(spec.name, study_tags(spec, session.storage))
+    return session_tracker(session.load_spec(), session.storage)
 
 
 def enqueue(folder, study: str, *trials: dict) -> None:

@@ -91,6 +91,13 @@ def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path):
     assert result["n_test_images"] == 10_000 and result["test_accuracy"] > 0.75
     assert "Shirt" in evaluated.stdout  # the per-class table
     assert (tmp_path / "reports" / f"fashion-mnist-classifier-v{result['version']}" / "report.html").is_file()
+    import mlflow
+
+    version = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version(
+        "fashion-mnist-classifier", str(result["version"]))
+    assert version.tags["dataset"] == "official"
+    assert float(version.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"])
+    assert version.tags["evaluation_run_id"] == result["mlflow_run_id"]
 
     if (DEBIAN_DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         client = subprocess.run([sys.executable, "-c", OUTSIDE_CLIENT, env["MLFLOW_TRACKING_URI"]],

@@ -55,6 +55,12 @@ def test_running_a_finished_study_again_adds_nothing(tmp_path, synthetic_env):
     assert bigger["trials"] == 3
 
 
+def test_pruning_savings_count_each_trial_at_its_own_length(tmp_path, synthetic_env):
+    run_session(session(tmp_path, "mlp-random", trials=2, epochs=2))  # mlp-random never prunes
+    summary = run_session(session(tmp_path, "mlp-random", trials=3, epochs=3))  # resumed with longer trials
+    assert summary["epochs_unpruned"] == summary["epochs_run"] == 2 + 2 + 3
+
+
 def test_a_journal_file_holds_a_study_that_resumes(tmp_path, synthetic_env):
     journal = str(tmp_path / "mlp.journal")  # a path, not a URL: Optuna's journal file storage
     first = dataclasses.replace(session(tmp_path, trials=2), storage=journal)
@@ -75,14 +81,25 @@ def test_every_sampler_a_study_file_can_name_runs_trials(tmp_path, synthetic_dat
     assert study.trials[0].params != study.trials[1].params  # it sampled
 
 
+# Each pruner set to act from the first epoch, as a study file can set it.
+PRUNER_SETTINGS = {
+    "median": {"n_startup_trials": 1, "n_warmup_steps": 0},
+    "successive_halving": {"min_resource": 1, "reduction_factor": 2},
+    "hyperband": {"min_resource": 1, "max_resource": 1, "reduction_factor": 2},  # one bracket: both trials in it
+    "none": {},
+}
+
+
 @pytest.mark.parametrize("pruner", sorted(PRUNERS))
-def test_every_pruner_a_study_file_can_name_is_asked_each_epoch(tmp_path, synthetic_dataset, pruner):
+def test_every_pruner_a_study_file_can_name_stops_a_trial_that_falls_behind(tmp_path, synthetic_dataset, pruner):
     spec = dataclasses.replace(load_study("mlp").with_settings({"epochs": 3, "val_size": 200}),
-                               pruner={"name": pruner})
+                               pruner={"name": pruner, **PRUNER_SETTINGS[pruner]})
     study = open_study(spec, open_storage(storage_in(tmp_path)))
+    enqueue(tmp_path, "mlp", LEARNS, HOPELESS)
     study.optimize(Objective(spec, synthetic_dataset, "cpu"), n_trials=2)
-    assert all(t.state in COMPLETE_OR_PRUNED for t in study.trials)
-    assert all(len(t.intermediate_values) >= 1 for t in study.trials)
+    learns, hopeless = study.trials
+    assert learns.state == TrialState.COMPLETE
+    assert hopeless.state == (TrialState.COMPLETE if pruner == "none" else TrialState.PRUNED)
 
 
 def test_parallel_workers_draw_from_different_sampler_seeds(tmp_path, synthetic_dataset):
@@ -96,7 +113,7 @@ def test_parallel_workers_draw_from_different_sampler_seeds(tmp_path, synthetic_
     assert firsts[0] != firsts[1]  # the same seed would have made both workers try the same configuration
 
 
-def test_tuning_never_reads_the_test_split(tmp_path, synthetic_dir, monkeypatch):
+def test_a_garbage_test_split_does_not_change_a_study(tmp_path, synthetic_dir, monkeypatch):
     """Two stores, two datasets that differ only in their test files (the second's are noise): the same
     seeded study must come out the same, trial for trial."""
     import shutil

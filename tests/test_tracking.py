@@ -1,6 +1,8 @@
 """MLflow tracking and the registry, on a temporary SQLite store (see conftest) and the synthetic dataset,
 with the shipped studies shrunk (tests/shrunk.py)."""
 
+import dataclasses
+
 import mlflow
 import numpy as np
 import optuna
@@ -173,3 +175,29 @@ def test_tuning_works_with_tracking_off(tmp_path, synthetic_env):
     assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == 3
     assert "promotion" not in summary and "trial_tracking_seconds" not in summary
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_custom_data_never_displaces_a_champion_trained_on_other_data(tmp_path, synthetic_env):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    enqueue(first, "mlp-random", HOPELESS)
+    tune(first, "mlp-random", trials=1)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    # Make it look trained on the official data, as a real champion would be.
+    client.set_model_version_tag(REGISTERED_MODEL, champion.version, "dataset", "official")
+    client.set_model_version_tag(REGISTERED_MODEL, champion.version, "dataset_checksum", "the-official-one")
+
+    enqueue(second, "mlp", LEARNS)
+    summary = tune(second, trials=1)  # far better on its own (synthetic) validation split ...
+    assert summary["promotion"]["outcome"] == f"challenger (champion v{champion.version} was trained on official data)"
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version == champion.version  # ... but stays out
+
+
+def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(tmp_path, synthetic_env):
+    tuning = dataclasses.replace(session(tmp_path, trials=1), storage=f"sqlite:///{tmp_path}/no/such/folder/optuna.db")
+    tracker = tracker_for(tuning)
+    with pytest.raises(Exception):
+        run_session(tuning, tracker)
+    assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"

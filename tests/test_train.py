@@ -15,6 +15,15 @@ def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
     assert [m.epoch for m in result.history] == [1, 2, 3]
 
 
+def test_epoch_seconds_cover_training_and_validation_but_not_the_callback(synthetic_splits, tiny_config):
+    import time
+
+    result = train(tiny_config, synthetic_splits, device="cpu", on_epoch_end=lambda epoch, m: time.sleep(1.0))
+    for m in result.history:
+        assert 0 < m.train_seconds < m.epoch_seconds  # validation comes on top of the steps
+        assert m.epoch_seconds < 1.0  # a slow hook (MLflow, Optuna) is not the epoch's time
+
+
 def test_the_returned_model_holds_the_best_epoch_weights(synthetic_splits, tiny_config):
     result = train(tiny_config.replace(epochs=3), synthetic_splits, device="cpu")
     _, accuracy = nll_and_accuracy(result.model, synthetic_splits.val_images, synthetic_splits.val_labels)
