@@ -107,9 +107,16 @@ def _serves(url: str, process: subprocess.Popen, timeout: float = 90) -> bool:
     return False
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as Linux writes them) of the TCP sockets listening on ``port``."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {row[1].split(":")[0] for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "0A"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["dashboard", "ui"])
-def test_the_uis_serve_the_default_stores_on_loopback(tmp_path, command):
+def test_the_uis_serve_the_configured_stores_on_127_0_0_1_only(tmp_path, command):
     port = _closed_port()
     env = {**os.environ, "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
     if command == "dashboard":
@@ -121,6 +128,7 @@ def test_the_uis_serve_the_default_stores_on_loopback(tmp_path, command):
     try:
         path = "/api/studies" if command == "dashboard" else "/health"
         assert _serves(f"http://127.0.0.1:{port}{path}", process), process.stdout.read() if process.poll() else ""
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, not every interface
         if command == "dashboard":
             import urllib.request
 

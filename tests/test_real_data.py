@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import CUSTOM_ENV_VAR, DEBIAN_DATA_DIR, ENV_VAR, DatasetError, load_fashion_mnist, make_splits
+from pipeline.data import CUSTOM_ENV_VAR, ENV_VAR, DatasetError, find_raw_files, load_fashion_mnist, make_splits
 from pipeline.train import train
 
 pytestmark = pytest.mark.real_data
@@ -60,19 +60,19 @@ import mlflow
 import numpy as np
 
 def idx(path, offset):
-    with gzip.open(path) as f:
+    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 mlflow.set_tracking_uri(sys.argv[1])
-images = idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-labels = idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz", 8)
+images = idx(sys.argv[2], 16).reshape(-1, 28, 28)
+labels = idx(sys.argv[3], 8)
 model = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier@champion")
 scores = np.concatenate([model.predict(images[i:i + 2000].astype(np.float32)) for i in range(0, 10000, 2000)])
 print((scores.argmax(axis=1) == labels).mean())
 '''
 
 
-def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path):
+def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path, real_dataset):
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, CUSTOM_ENV_VAR)}
     # The shipped mlp study, shrunk to one trial of one epoch on 5,000 training images.
     tuned = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--study", "mlp", "--trials", "1",
@@ -99,8 +99,10 @@ def test_tune_promote_and_evaluate_on_the_real_data_as_a_user_would(tmp_path):
     assert float(version.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"])
     assert version.tags["evaluation_run_id"] == result["mlflow_run_id"]
 
-    if (DEBIAN_DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        client = subprocess.run([sys.executable, "-c", OUTSIDE_CLIENT, env["MLFLOW_TRACKING_URI"]],
-                                capture_output=True, text=True, env=env, timeout=300)
-        assert client.returncode == 0, client.stderr
-        assert float(client.stdout.strip().splitlines()[-1]) == pytest.approx(result["test_accuracy"])
+    # An outside client: plain MLflow and numpy on the raw test files, nothing from this project.
+    files = find_raw_files(real_dataset.source)
+    client = subprocess.run([sys.executable, "-c", OUTSIDE_CLIENT, env["MLFLOW_TRACKING_URI"],
+                             str(files["t10k-images-idx3-ubyte"]), str(files["t10k-labels-idx1-ubyte"])],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert client.returncode == 0, client.stderr
+    assert float(client.stdout.strip().splitlines()[-1]) == pytest.approx(result["test_accuracy"])

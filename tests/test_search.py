@@ -36,7 +36,8 @@ def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, sy
 
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     assert len(finished) == 6  # the failure did not stop the study, nor count towards its target
-    assert summary["best_trial"]["number"] == load(tmp_path).best_trial.number
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert summary["best_trial"]["number"] == best.number and best.number in (0, 1)
     assert summary["epochs_unpruned"] == 6 * 5 and summary["epochs_run"] < summary["epochs_unpruned"]
     assert "pruning saved" in format_summary(summary)
 
@@ -78,7 +79,8 @@ def test_every_sampler_a_study_file_can_name_runs_trials(tmp_path, synthetic_dat
     study = open_study(spec, open_storage(storage_in(tmp_path)))
     study.optimize(Objective(spec, synthetic_dataset, "cpu"), n_trials=2)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    assert study.trials[0].params != study.trials[1].params  # it sampled
+    assert isinstance(study.sampler, SAMPLERS[sampler])  # the one the study file named
+    assert study.trials[0].params != study.trials[1].params  # and it sampled
 
 
 # Each pruner set to act from the first epoch, as a study file can set it.
@@ -207,7 +209,7 @@ def test_two_workers_share_one_sqlite_study_without_storage_errors(tmp_path, syn
 
 @pytest.mark.slow
 def test_the_timeout_ends_the_session_and_keeps_what_finished(tmp_path, synthetic_env):
-    done = subprocess.run(tune_command(tmp_path, "mlp", "--trials", "200", "--timeout", "3", "--json", epochs=60),
+    done = subprocess.run(tune_command(tmp_path, "mlp", "--trials", "200", "--timeout", "10", "--json", epochs=60),
                           env=synthetic_env, text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
     finished = trials_now(tmp_path, COMPLETE_OR_PRUNED)

