@@ -14,11 +14,12 @@ STUDY ?= mlp
 WORKERS ?= 1
 DASHBOARD_PORT ?= 8080
 UI_PORT ?= 5000
+SERVE_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY = true
 STORAGE_FLAG = $(if $(STORAGE),--storage '$(STORAGE)')
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train tune evaluate-best dashboard ui test test-fast smoke bench clean
+.PHONY: help install data train tune evaluate-best compare dashboard ui serve test test-fast smoke bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,11 +45,17 @@ tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn TRIALS=n TIMEOUT=s
 evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
 	$(PY) -m pipeline evaluate-best --prune-sweep $(ARGS)
 
+compare: $(INSTALLED) ## studies side by side: table, reports/compare.html, MLflow run (STUDIES="mlp cnn", STORAGE=url)
+	@$(PY) -m pipeline compare $(STUDIES) $(STORAGE_FLAG) $(ARGS)
+
 dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080, STORAGE=url)
 	@$(PY) -m pipeline dashboard --port $(DASHBOARD_PORT) $(STORAGE_FLAG)
 
 ui: $(INSTALLED) ## the MLflow UI on the tracking store, at 127.0.0.1 (UI_PORT=5000)
 	@$(PY) -m pipeline ui --port $(UI_PORT)
+
+serve: $(INSTALLED) ## the champion behind MLflow's scoring server at 127.0.0.1 (SERVE_PORT=5001)
+	@$(PY) -m pipeline serve --port $(SERVE_PORT)
 
 test: data ## run the test suite (includes the real-data and slow tests)
 	$(PY) -m pytest $(ARGS)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, help="finished trials the study should reach (default: the study file's)")
     tune.add_argument("--timeout", type=float, help="seconds for this session (default: the study file's)")
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
-    tune.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
+    add_storage_option(tune)
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="change one of the study's fixed settings for this run, e.g. --set epochs=2 "
                            "(the smoke run and the tests shrink the shipped studies this way)")
@@ -89,20 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     best.set_defaults(handler=run_evaluate_best)
 
+    compare = commands.add_parser(
+        "compare", help="studies side by side: best accuracy for the time and epochs spent",
+        description="A table of the studies (model family, sampler, pruner, best validation accuracy, trials by "
+                    "state, epochs against unpruned, busy wall time, time to within 0.2 points of the best), "
+                    "reports/compare.html (best-so-far against wall time and epochs; the spread of accuracies), "
+                    "and a run in the MLflow experiment `compare`.")
+    compare.add_argument("studies", nargs="*", help="study names (default: every study in the storage)")
+    add_storage_option(compare)
+    compare.add_argument("--reports-dir", type=Path, help="where compare.html goes (default: reports/)")
+    compare.add_argument("--no-tracking", dest="tracking", action="store_false", help="no MLflow run")
+    compare.add_argument("--json", action="store_true", help="print the records as one JSON object on the last line")
+    compare.set_defaults(handler=run_compare)
+
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the study storage, on 127.0.0.1")
-    dashboard.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
-    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    dashboard.add_argument("--port", type=int, default=8080)
+    add_storage_option(dashboard)
+    add_address_options(dashboard, port=8080)
     dashboard.set_defaults(handler=run_dashboard)
 
     ui = commands.add_parser("ui", help="the MLflow UI on the tracking store, on 127.0.0.1",
                              description="Serve the MLflow UI on the local tracking store ($MLFLOW_TRACKING_URI "
                                          "or sqlite under mlruns/). When $MLFLOW_TRACKING_URI is a tracking "
                                          "server, that server already is the UI: its address is printed.")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    ui.add_argument("--port", type=int, default=5000)
+    add_address_options(ui, port=5000)
     ui.set_defaults(handler=run_ui)
+
+    serve = commands.add_parser(
+        "serve", help="the champion behind MLflow's scoring server, on 127.0.0.1",
+        description="Serve a registered model (the champion) with `mlflow models serve` in this environment: "
+                    "POST raw pixels 0-255 as {\"inputs\": [[[28 floats] x 28] x N]} to /invocations, get "
+                    "{\"predictions\": [[10 probabilities] x N]} back.")
+    serve.add_argument("--model", default="fashion-mnist-classifier", help="registered model name")
+    serve.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    add_address_options(serve, port=5001)
+    serve.set_defaults(handler=run_serve)
     return parser
+
+
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, else sqlite under studies/)")
+
+
+def add_address_options(parser: argparse.ArgumentParser, *, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -135,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.data import load_fashion_mnist, make_splits, normalize
     from pipeline.device import configure_cpu_threads, pick_device
     from pipeline.models import build_model, count_parameters
+    from pipeline.progress import epoch_bar
     from pipeline.train import nll_and_accuracy, train
 
     out = sys.stderr if args.json else sys.stdout
@@ -146,12 +177,18 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{config.model.upper()} with {count_parameters(build_model(config)):,} parameters on {device}; "
           f"{len(splits.train_labels):,} training / {len(splits.val_labels):,} validation images", file=out)
 
-    def show_progress(epoch, m):
-        print(f"epoch {epoch:3d}/{config.epochs}  train loss {m.train_batch_loss:.4f} acc {m.train_batch_accuracy:6.2%}  "
-              f"val loss {m.val_loss:.4f} acc {m.val_accuracy:6.2%}  lr {m.lr:.2e}  {m.epoch_seconds:5.1f}s",
-              file=out, flush=True)
+    bar = epoch_bar(config.epochs, description="training", stream=out)  # a live bar on a terminal only
 
-    result = train(config, splits, device=device, on_epoch_end=show_progress)
+    def show_progress(epoch, m):
+        bar.update(epoch, m.val_accuracy)
+        bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {m.train_batch_loss:.4f} acc "
+                  f"{m.train_batch_accuracy:6.2%}  val loss {m.val_loss:.4f} acc {m.val_accuracy:6.2%}  "
+                  f"lr {m.lr:.2e}  {m.epoch_seconds:5.1f}s")
+
+    try:
+        result = train(config, splits, device=device, on_epoch_end=show_progress)
+    finally:
+        bar.close()
     # Train accuracy as the notebook reported it: the final model, in eval mode, on the training split.
     _, train_accuracy = nll_and_accuracy(result.model, splits.train_images, splits.train_labels)
     test_images = normalize(dataset.test_images, splits.mean, splits.std)
@@ -227,6 +264,25 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import as_dict, compare, format_table, log_comparison, write_page
+    from pipeline.paths import REPORTS_DIR
+    from pipeline.search import quiet_optuna
+    from pipeline.stores import configure_mlflow, open_storage, storage_url
+
+    quiet_optuna()
+    records = compare(open_storage(storage_url(args.storage)), args.studies)
+    print(format_table(records))
+    page = write_page(records, args.reports_dir or REPORTS_DIR)
+    print(f"\nfigures: {page}")
+    if args.tracking:
+        configure_mlflow()
+        print(f"MLflow run: {log_comparison(records, page)} (experiment `compare`)")
+    if args.json:
+        print(json.dumps({"studies": [as_dict(r) for r in records]}))
+    return 0
+
+
 def run_dashboard(args: argparse.Namespace) -> int:
     """Replace this process with optuna-dashboard, so Ctrl-C and exit codes are the dashboard's own."""
     import os
@@ -255,6 +311,25 @@ def run_ui(args: argparse.Namespace) -> int:
     os.execv(mlflow, [str(mlflow), "server", "--backend-store-uri", uri,
                       "--default-artifact-root", str(MLRUNS_DIR / "artifacts"),  # for experiments made in the UI
                       "--host", args.host, "--port", str(args.port)])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Replace this process with MLflow's scoring server for the model, after checking it exists."""
+    import os
+
+    from pipeline.registry import resolve_version
+    from pipeline.stores import configure_mlflow, redact
+
+    uri = configure_mlflow()
+    version = resolve_version(args.model, alias=args.alias, version=None)  # one clear line if it is missing
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves models:/ itself
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"  # it starts `uvicorn` by name
+    print(f"serving {args.model} version {version.version} (@{args.alias}) from {redact(uri)} on "
+          f"http://{args.host}:{args.port}/invocations", flush=True)
+    mlflow = bin_dir / "mlflow"
+    os.execv(mlflow, [str(mlflow), "models", "serve", "-m", f"models:/{args.model}@{args.alias}",
+                      "--env-manager", "local", "--host", args.host, "--port", str(args.port)])
 
 
 if __name__ == "__main__":

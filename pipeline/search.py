@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.interrupts import InterruptGate
+from pipeline.progress import NoBar, epoch_bar
 from pipeline.stores import open_storage
 from pipeline.study_file import StudySpec, load_study
 from pipeline.train import NonFiniteLossError, train
@@ -40,12 +41,17 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: in
 
 
 def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Once per session, before any worker starts: create the study, record what it is, enqueue the
-    study file's known configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
+    """Once per session, before any worker starts: create the study, record what it is (the dashboard
+    shows these attributes, and names the objective's axis), enqueue the study file's known
+    configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
     study = open_study(spec, storage)
+    study.set_metric_names([spec.objective])
+    for key, value in (("description", spec.description), ("model_family", spec.fixed.get("model", "mlp")),
+                       ("sampler", spec.sampler["name"]), ("pruner", spec.pruner["name"]),
+                       ("study_file", str(spec.path))):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
     if not study.get_trials(deepcopy=False):
-        study.set_user_attr("description", spec.description)
-        study.set_user_attr("study_file", str(spec.path))
         for params in spec.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
     _requeue_interrupted(study)
@@ -81,12 +87,13 @@ class Objective:
     """
 
     def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=NullTrialTracker,
-                 deferred=_no_deferral):
+                 deferred=_no_deferral, new_bar=None):
         self.spec = spec
         self.dataset = dataset
         self.device = device
         self.new_tracker = new_tracker
         self.deferred = deferred
+        self.new_bar = new_bar or (lambda trial_number, epochs: NoBar())  # (trial number, epochs) -> a bar
         self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
 
@@ -103,6 +110,7 @@ class Objective:
         started = time.perf_counter()
         epochs_run = 0
         tracker = self.new_tracker()
+        bar = self.new_bar(trial.number, config.epochs)
         with self.deferred():
             tracker.start(trial.number, config, trial.params, self.run_tags)
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
@@ -110,6 +118,7 @@ class Objective:
         def on_epoch_end(epoch, metrics):
             nonlocal epochs_run
             epochs_run = epoch
+            bar.update(epoch, metrics.val_accuracy)
             with self.deferred():
                 tracker.log_epoch(metrics)
                 trial.report(metrics.val_accuracy, epoch)
@@ -144,6 +153,7 @@ class Objective:
                 tracker.failed(repr(error))
             raise
         finally:
+            bar.close()  # before the trial's line is printed
             with self.deferred(raise_after=False):
                 trial.set_user_attr("epochs_run", epochs_run)
                 trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
@@ -260,7 +270,11 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
         if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
             return
         if objective is None:
-            objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred))
+            def new_bar(trial_number, epochs):  # one line per worker on a terminal
+                return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
+
+            objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred,
+                                                 new_bar))
         before = _count_complete_or_pruned(study)
         failed_before = _count_failed(study)
         with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling

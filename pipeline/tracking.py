@@ -24,6 +24,8 @@ from pipeline.paths import REPO_ROOT
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
 PACKAGES = ("torch", "torchvision", "optuna", "mlflow", "numpy", "scikit-learn")
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ensure_experiment(name: str) -> str:
@@ -39,13 +41,16 @@ def ensure_experiment(name: str) -> str:
     for _ in range(5):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
+            for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed get it too
+                if experiment.tags.get(key) != value:
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
         uri = mlflow.get_tracking_uri()
         location = None  # a tracking server decides for itself
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts" / name).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             time.sleep(0.2)
     raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
@@ -74,13 +79,14 @@ def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, 
 
 
 def log_confusion_matrix(client, run_id: str, matrix, title: str, stem: str) -> None:
-    """<stem>.html, an interactive plotly heatmap, and <stem>.png: the HTML that ``log_figure``
-    writes loads plotly.js from its CDN, so only the PNG shows in an offline MLflow UI."""
-    from pipeline.figures import confusion_matrix_matplotlib, confusion_matrix_plotly
+    """<stem>.png, the heatmap as an image, and <stem>.json, the counts. An image, not plotly HTML:
+    the HTML ``log_figure`` writes loads plotly.js from a CDN (blank in an offline UI), and inlining it
+    costs 3.5 MB a file."""
+    from pipeline.figures import confusion_matrix_matplotlib
 
     matrix = np.asarray(matrix)
-    client.log_figure(run_id, confusion_matrix_plotly(matrix, title), f"{stem}.html")
     client.log_figure(run_id, confusion_matrix_matplotlib(matrix, title), f"{stem}.png")
+    client.log_dict(run_id, {"classes": list(CLASSES), "counts": matrix.tolist()}, f"{stem}.json")
 
 
 def param_value(value) -> str:
@@ -150,12 +156,10 @@ class TrialTracker:
         log_values(self.client, self.run_id, {"best_val_accuracy": result.best_val_accuracy,
                                               "best_epoch": result.best_epoch,
                                               "val_macro_f1": validation["macro_f1"]})
-        self.client.log_dict(self.run_id, {"classes": list(CLASSES), "counts": validation["confusion_matrix"]},
-                             "confusion_matrix.json")
         self.client.log_dict(self.run_id, validation["per_class"], "per_class_metrics.json")
         log_confusion_matrix(self.client, self.run_id, validation["confusion_matrix"], "Validation confusion matrix",
                              "confusion_matrix")
-        self.client.log_figure(self.run_id, learning_curves(result.history), "learning_curves.html")
+        self.client.log_figure(self.run_id, learning_curves(result.history), "learning_curves.png")
         model_uri = None
         if log_model:
             model_uri = log_raw_pixel_model(self.run_id, result.model, splits)
@@ -257,13 +261,13 @@ class SessionTracker:
         it with ``status``. Without a study (the session failed before it had one) it only ends the run."""
         import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 
-        from pipeline.figures import optuna_figures
+        from pipeline.figures import optuna_figures, self_contained_html
 
         if study is None:
             self.client.set_terminated(self.run_id, status)
             return
-        for name, figure in optuna_figures(study).items():
-            self.client.log_figure(self.run_id, figure, f"optuna/{name}.html")
+        page = self_contained_html(optuna_figures(study), f"Optuna study {study.study_name}")
+        self.client.log_text(self.run_id, page, "optuna/figures.html")  # interactive, offline: plotly.js inside
         for name, figure in optuna_figures(study, backend="matplotlib").items():
             # Shown offline too; "tight" keeps the long parameter names Optuna's layout cuts off.
             self.client.log_figure(self.run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight"})

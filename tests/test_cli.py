@@ -151,3 +151,56 @@ def test_make_passes_a_store_only_when_the_user_sets_one():
 
     assert "--storage" not in tune_recipe()  # so $OPTUNA_STORAGE, or the default, decides in Python
     assert "--storage 'sqlite:///elsewhere.db'" in tune_recipe("STORAGE=sqlite:///elsewhere.db")
+
+
+def run_on_a_terminal(command: list[str], env: dict, timeout: float = 300) -> str:
+    """Run ``command`` with a pseudo-terminal as its stdout and stderr, as in a shell; return what it wrote."""
+    import pty
+    import select
+
+    import fcntl
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column window, as a shell's
+    process = subprocess.Popen(command, env=env, stdout=terminal, stderr=terminal, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], timeout)
+            if not ready:
+                raise TimeoutError(b"".join(chunks).decode(errors="replace"))
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        process.wait(timeout=60)
+        os.close(controller)
+    assert process.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_on_a_terminal_tune_shows_a_live_bar_inside_each_trial(tmp_path, synthetic_env):
+    from tests.shrunk import tune_command
+
+    shown = run_on_a_terminal(tune_command(tmp_path, "mlp", "--trials", "2", "--timeout", "600", "--no-tracking",
+                                           epochs=20), synthetic_env)
+    assert "trial 0:" in shown and "/20 [" in shown  # tqdm's "trial 0:  45%|####  | 9/20 [...]"
+    assert "budget left=" in shown and "val=" in shown
+    assert "trial   1 " in shown  # and the plain line after each trial
+
+
+@pytest.mark.slow
+def test_without_a_terminal_the_output_is_plain_lines(synthetic_dir):
+    done = run_cli("train", "--epochs", "2", "--set", "val_size=200", "--set", "hidden_sizes=16", "--device", "cpu",
+                   data_dir=synthetic_dir)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout and "\x1b[" not in done.stdout  # no bar, no cursor codes in a log file
+    assert "epoch   1/2" in done.stdout and "epoch   2/2" in done.stdout

@@ -66,7 +66,7 @@ def test_the_evaluation_is_an_mlflow_run_linked_to_the_version(registered):
     assert run.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert run.data.tags["model_version"] == str(result["version"]) and run.data.tags["kind"] == "evaluation"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts >= {"report.html", "metrics.json", "test_confusion_matrix.html", "test_confusion_matrix.png"}
+    assert artifacts >= {"report.html", "metrics.json", "test_confusion_matrix.png", "test_confusion_matrix.json"}
     assert run.data.tags["dataset"] == "custom"
     version = client.get_model_version(REGISTERED_MODEL, str(result["version"]))
     assert "test_accuracy" not in version.tags  # a custom dataset's score is not the version's test accuracy
@@ -90,3 +90,35 @@ def test_evaluate_best_without_a_registry_is_one_line_and_no_traceback(tmp_path,
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "make tune" in errors[0]
+
+
+@pytest.mark.slow
+def test_the_champion_served_by_mlflow_answers_raw_pixels(registered, synthetic_dataset):
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    images = synthetic_dataset.test_images[:40].numpy().astype(float).tolist()  # raw 0-255, (40, 28, 28)
+    labels = synthetic_dataset.test_labels[:40].numpy()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": images}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        deadline, answer = time.time() + 120, None
+        while answer is None and time.time() < deadline and server.poll() is None:
+            try:
+                answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, server.stdout.read() if server.poll() is not None else "no answer"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    probabilities = np.asarray(answer["predictions"])
+    assert probabilities.shape == (40, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    assert (probabilities.argmax(axis=1) == labels).mean() > 0.9

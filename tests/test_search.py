@@ -36,6 +36,9 @@ def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, sy
 
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     assert len(finished) == 6  # the failure did not stop the study, nor count towards its target
+    study = load(tmp_path)  # what optuna-dashboard shows of it: the objective's name, what the study is
+    assert study.metric_names == ["val_accuracy"]
+    assert study.user_attrs["model_family"] == "mlp" and study.user_attrs["description"].startswith("The notebook")
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert summary["best_trial"]["number"] == best.number and best.number in (0, 1)
     assert summary["epochs_unpruned"] == 6 * 5 and summary["epochs_run"] < summary["epochs_unpruned"]

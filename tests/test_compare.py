@@ -1,0 +1,80 @@
+"""`make compare` on studies whose trials are written by hand, so every figure can be worked out."""
+
+import datetime
+import json
+
+import mlflow
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.__main__ import main
+from pipeline.stores import open_storage
+
+T0 = datetime.datetime(2026, 11, 25, 12, 0, 0)
+
+
+def trial(state, start, end, *, value=None, epochs, max_epochs=5):
+    return FrozenTrial(
+        number=0, trial_id=0, state=state, value=value, values=None,
+        datetime_start=T0 + datetime.timedelta(seconds=start), datetime_complete=T0 + datetime.timedelta(seconds=end),
+        params={"lr": 0.001}, distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)},
+        user_attrs={"epochs_run": epochs, "max_epochs": max_epochs}, system_attrs={},
+        intermediate_values={e: 0.5 for e in range(1, epochs + 1)})
+
+
+@pytest.fixture
+def storage_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url)
+    tpe = optuna.create_study(study_name="tpe-median", storage=storage, direction="maximize")
+    tpe.set_user_attr("model_family", "mlp"), tpe.set_user_attr("sampler", "tpe"), tpe.set_user_attr("pruner", "median")
+    for t in (trial(TrialState.COMPLETE, 0, 60, value=0.80, epochs=5),
+              trial(TrialState.PRUNED, 60, 80, epochs=2),
+              trial(TrialState.COMPLETE, 80, 140, value=0.85, epochs=5),
+              trial(TrialState.FAIL, 140, 150, epochs=1)):
+        tpe.add_trial(t)
+    # Two workers: the trials overlap from 50 s to 100 s, so the busy wall time is 150 s, not 200 s.
+    random = optuna.create_study(study_name="random-none", storage=storage, direction="maximize")
+    random.set_user_attr("model_family", "cnn"), random.set_user_attr("sampler", "random")
+    random.set_user_attr("pruner", "none")
+    for t in (trial(TrialState.COMPLETE, 0, 100, value=0.83, epochs=5),
+              trial(TrialState.COMPLETE, 50, 150, value=0.849, epochs=5)):
+        random.add_trial(t)
+    return url
+
+
+def test_compare_works_out_best_counts_epochs_and_time_to_the_best(storage_url, tmp_path, capsys):
+    assert main(["compare", "--storage", storage_url, "--reports-dir", str(tmp_path / "reports"), "--json"]) == 0
+    printed = capsys.readouterr().out
+    records = {r["study"]: r for r in json.loads(printed.strip().splitlines()[-1])["studies"]}
+
+    tpe, random = records["tpe-median"], records["random-none"]
+    assert (tpe["model_family"], tpe["sampler"], tpe["pruner"]) == ("mlp", "tpe", "median")
+    assert tpe["best_val_accuracy"] == 0.85 and (tpe["complete"], tpe["pruned"], tpe["failed"]) == (2, 1, 1)
+    assert tpe["epochs_run"] == 5 + 2 + 5 + 1 and tpe["epochs_unpruned"] == 5 + 5 + 5
+    assert tpe["wall_seconds"] == 150
+    assert (tpe["seconds_to_near_best"], tpe["epochs_to_near_best"]) == (140, 12)  # when trial 2 finished
+    assert random["wall_seconds"] == 150  # 0-100 s and 50-150 s overlap
+    assert random["best_val_accuracy"] == 0.849 and random["seconds_to_near_best"] == 150  # 0.83 is not within 0.2
+    assert [tuple(p) for p in random["curve"]] == [(100, 5, 0.83), (150, 10, 0.849)]
+
+    assert "tpe-median" in printed and "2/1/1" in printed and "13 of 15" in printed and "2m20s / 12 ep" in printed
+
+
+def test_compare_writes_an_offline_page_and_an_mlflow_run(storage_url, tmp_path, capsys):
+    main(["compare", "tpe-median", "random-none", "--storage", storage_url, "--reports-dir", str(tmp_path)])
+    page = (tmp_path / "compare.html").read_text()
+    assert page.count("Plotly.newPlot") == 3 and "<script src=" not in page  # three figures, nothing fetched
+    assert "against busy wall time" in page and "against epochs spent" in page
+    experiment = mlflow.MlflowClient().get_experiment_by_name("compare")
+    (run,) = mlflow.MlflowClient().search_runs([experiment.experiment_id])
+    assert run.data.metrics["best_val_accuracy.tpe-median"] == 0.85
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} >= {"compare.html", "compare.json"}
+
+
+def test_a_study_not_in_the_storage_is_one_clear_line(storage_url, capsys):
+    assert main(["compare", "nope", "--storage", storage_url, "--no-tracking"]) == 1
+    error = capsys.readouterr().err
+    assert "no study 'nope'" in error and "tpe-median" in error and "make tune STUDY=nope" in error
