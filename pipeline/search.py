@@ -105,13 +105,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.spec.config_for(trial)
-        trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (a --set may change it)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
         epochs_run = 0
         tracker = self.new_tracker()
         bar = self.new_bar(trial.number, config.epochs)
         with self.deferred():
+            trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (--set may change it)
             tracker.start(trial.number, config, trial.params, self.run_tags)
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
 
