@@ -30,12 +30,12 @@ class StudyRecord:
     complete: int
     pruned: int
     failed: int
-    epochs_run: int  # by every finished or failed trial
-    epochs_unpruned: int  # what the complete and pruned trials would have run without pruning
+    epochs_run: int  # by the complete and pruned trials, as `make tune`'s summary counts them
+    epochs_unpruned: int  # what they would have run without pruning
     wall_seconds: float  # busy wall time (see the module's docstring)
     seconds_to_near_best: float | None  # busy wall time until best-so-far came within NEAR_BEST of the best
     epochs_to_near_best: int | None
-    # Best-so-far after each finished trial, in the order they finished: (seconds, epochs, best).
+    # Best-so-far as each trial ended, in that order: (busy seconds, epochs spent by all ended trials, best).
     curve: list[tuple[float, int, float]] = field(default_factory=list, repr=False)
     values: list[float] = field(default_factory=list, repr=False)  # the complete trials' validation accuracies
 
@@ -45,37 +45,39 @@ def study_names(storage) -> list[str]:
 
 
 def describe(study: optuna.Study) -> StudyRecord:
+    from pipeline.search import epoch_counts
+
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
     trials.sort(key=lambda t: t.datetime_complete)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    spans, curve, best, epochs = [], [], None, 0
+    spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]
+    curve, best, epochs_spent = [], None, 0
     for trial in trials:
-        spans.append((trial.datetime_start.timestamp(), trial.datetime_complete.timestamp()))
-        epochs += trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        # Epochs spent by every trial that has ended, failed ones too: what the study has paid so far.
+        epochs_spent += trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
         if trial.state == TrialState.COMPLETE and (best is None or (trial.value > best) == maximize):
             best = trial.value
         if best is not None:
-            curve.append((_busy_seconds(spans), epochs, best))
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    unpruned = sum(t.user_attrs.get("max_epochs", t.user_attrs.get("epochs_run", 0)) if t.state == TrialState.PRUNED
-                   else t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in finished)
+            curve.append((_busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
+    epochs_run, epochs_unpruned = epoch_counts(trials)
     near = next(((s, e) for s, e, b in curve if abs(best - b) <= NEAR_BEST + 1e-12), (None, None)) if curve else (None, None)
     attrs = study.user_attrs
     return StudyRecord(
         study=study.study_name, model_family=attrs.get("model_family", "?"), sampler=attrs.get("sampler", "?"),
         pruner=attrs.get("pruner", "?"), best_val_accuracy=best, complete=counts[TrialState.COMPLETE],
-        pruned=counts[TrialState.PRUNED], failed=counts[TrialState.FAIL], epochs_run=epochs,
-        epochs_unpruned=unpruned, wall_seconds=_busy_seconds(spans), seconds_to_near_best=near[0],
+        pruned=counts[TrialState.PRUNED], failed=counts[TrialState.FAIL], epochs_run=epochs_run,
+        epochs_unpruned=epochs_unpruned, wall_seconds=_busy_seconds(spans), seconds_to_near_best=near[0],
         epochs_to_near_best=near[1], curve=curve,
         values=[t.value for t in trials if t.state == TrialState.COMPLETE])
 
 
-def _busy_seconds(spans: list[tuple[float, float]]) -> float:
-    """The length of the union of the intervals."""
+def _busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
+    """The length of the union of the intervals, counted up to ``until``: the time some trial was running."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):
-        if end > reach:
+        end = min(end, until)
+        if end > reach and start < until:
             total += end - max(start, reach)
             reach = end
     return total
@@ -127,6 +129,9 @@ def compare(storage, names: list[str] | None = None) -> list[StudyRecord]:
     from pipeline.study_file import StudyFileError
 
     known = study_names(storage)
+    if not known:
+        raise StudyFileError("the storage holds no study yet. Fix: run `make tune` first (or point STORAGE / "
+                             "OPTUNA_STORAGE at the storage that has them).")
     names = names or known
     missing = [n for n in names if n not in known]
     if missing:

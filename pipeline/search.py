@@ -46,7 +46,8 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
     study = open_study(spec, storage)
     study.set_metric_names([spec.objective])
-    for key, value in (("description", spec.description), ("model_family", spec.fixed.get("model", "mlp")),
+    family = "searched" if "model" in {p.name for p in spec.space} else spec.base_config().model
+    for key, value in (("description", spec.description), ("model_family", family),
                        ("sampler", spec.sampler["name"]), ("pruner", spec.pruner["name"]),
                        ("study_file", str(spec.path))):
         if study.user_attrs.get(key) != value:
@@ -109,7 +110,6 @@ class Objective:
         started = time.perf_counter()
         epochs_run = 0
         tracker = self.new_tracker()
-        bar = self.new_bar(trial.number, config.epochs)
         with self.deferred():
             trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (--set may change it)
             tracker.start(trial.number, config, trial.params, self.run_tags)
@@ -128,6 +128,7 @@ class Objective:
             if prune:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_accuracy {metrics.val_accuracy:.4f}")
 
+        bar = self.new_bar(trial.number, config.epochs)  # closed in the finally below
         try:
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end)
             # The model is logged only when the trial beats the study's best so far: the best trial
@@ -330,18 +331,28 @@ class ProgressLine:
               f"{counts[TrialState.FAIL]} failed | {_clock(time.time() - self.started)}", flush=True)
 
 
+def epoch_counts(trials, *, default_max_epochs: int | None = None) -> tuple[int, int]:
+    """Epochs the complete and pruned trials ran, and what they would have run without pruning (each
+    its maximum epochs; a trial recorded before `max_epochs` existed counts ``default_max_epochs``, or
+    what it ran when that is not known). Used by `make tune`'s summary and by `make compare`."""
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
+    run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
+    unpruned = sum(t.user_attrs.get("max_epochs", default_max_epochs or t.user_attrs.get("epochs_run", 0))
+                   for t in finished)
+    return run, unpruned
+
+
 def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
-    epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
+    epochs_run, epochs_unpruned = epoch_counts(trials, default_max_epochs=spec.max_epochs)
     summary = {
         "study": spec.name,
         "trials": len(trials),
         "states": dict(counts),
         "epochs_run": epochs_run,
-        # What the complete and pruned trials would have run without pruning: each its maximum epochs.
-        "epochs_unpruned": sum(t.user_attrs.get("max_epochs", spec.max_epochs) for t in finished),
+        "epochs_unpruned": epochs_unpruned,
         "session_seconds": round(seconds, 1),
         "best_trial": None,
     }

@@ -53,14 +53,15 @@ def test_compare_works_out_best_counts_epochs_and_time_to_the_best(storage_url, 
     tpe, random = records["tpe-median"], records["random-none"]
     assert (tpe["model_family"], tpe["sampler"], tpe["pruner"]) == ("mlp", "tpe", "median")
     assert tpe["best_val_accuracy"] == 0.85 and (tpe["complete"], tpe["pruned"], tpe["failed"]) == (2, 1, 1)
-    assert tpe["epochs_run"] == 5 + 2 + 5 + 1 and tpe["epochs_unpruned"] == 5 + 5 + 5
+    assert tpe["epochs_run"] == 5 + 2 + 5 and tpe["epochs_unpruned"] == 5 + 5 + 5  # as make tune counts them
     assert tpe["wall_seconds"] == 150
     assert (tpe["seconds_to_near_best"], tpe["epochs_to_near_best"]) == (140, 12)  # when trial 2 finished
     assert random["wall_seconds"] == 150  # 0-100 s and 50-150 s overlap
     assert random["best_val_accuracy"] == 0.849 and random["seconds_to_near_best"] == 150  # 0.83 is not within 0.2
+    # When the first trial ended (100 s), the second had been running too: busy all along, 100 s.
     assert [tuple(p) for p in random["curve"]] == [(100, 5, 0.83), (150, 10, 0.849)]
 
-    assert "tpe-median" in printed and "2/1/1" in printed and "13 of 15" in printed and "2m20s / 12 ep" in printed
+    assert "tpe-median" in printed and "2/1/1" in printed and "12 of 15" in printed and "2m20s / 12 ep" in printed
 
 
 def test_compare_writes_an_offline_page_and_an_mlflow_run(storage_url, tmp_path, capsys):
@@ -72,6 +73,25 @@ def test_compare_writes_an_offline_page_and_an_mlflow_run(storage_url, tmp_path,
     (run,) = mlflow.MlflowClient().search_runs([experiment.experiment_id])
     assert run.data.metrics["best_val_accuracy.tpe-median"] == 0.85
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} >= {"compare.html", "compare.json"}
+
+
+def test_parallel_trials_count_once_and_the_time_to_the_best_includes_trials_still_running(tmp_path, capsys):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="two-workers", storage=storage, direction="maximize")
+    # Worker 1: 0-10 s, then 50-60 s (the best); worker 2: one long trial, 5-100 s.
+    for t in (trial(TrialState.COMPLETE, 0, 10, value=0.5, epochs=1), trial(TrialState.COMPLETE, 5, 100, value=0.6,
+              epochs=5), trial(TrialState.COMPLETE, 50, 60, value=0.9, epochs=1)):
+        study.add_trial(t)
+    main(["compare", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--no-tracking", "--json",
+          "--reports-dir", str(tmp_path)])
+    (record,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["studies"]
+    assert record["seconds_to_near_best"] == 60  # busy from 0 s until the best ended at 60 s, not 10 + 10 s
+    assert record["wall_seconds"] == 100
+
+
+def test_an_empty_storage_is_one_clear_line(tmp_path, capsys):
+    assert main(["compare", "--storage", f"sqlite:///{tmp_path / 'empty.db'}", "--no-tracking"]) == 1
+    assert "holds no study yet" in capsys.readouterr().err
 
 
 def test_a_study_not_in_the_storage_is_one_clear_line(storage_url, capsys):

@@ -97,13 +97,15 @@ def test_the_champion_served_by_mlflow_answers_raw_pixels(registered, synthetic_
     import os
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    log = open(registered / "serve.log", "w+")  # a file, not a pipe nobody reads while the server talks
     server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=dict(os.environ),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
     images = synthetic_dataset.test_images[:40].numpy().astype(float).tolist()  # raw 0-255, (40, 28, 28)
     labels = synthetic_dataset.test_labels[:40].numpy()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": images}).encode(),
@@ -113,12 +115,16 @@ def test_the_champion_served_by_mlflow_answers_raw_pixels(registered, synthetic_
         while answer is None and time.time() < deadline and server.poll() is None:
             try:
                 answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
-            except OSError:
+            except urllib.error.HTTPError as refused:  # it answered, with an error: say which
+                raise AssertionError(f"{refused.code}: {refused.read()[:500]!r}") from None
+            except OSError:  # not listening yet
                 time.sleep(0.5)
-        assert answer is not None, server.stdout.read() if server.poll() is not None else "no answer"
+        log.seek(0)
+        assert answer is not None, log.read()[-2000:]
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
     probabilities = np.asarray(answer["predictions"])
     assert probabilities.shape == (40, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     assert (probabilities.argmax(axis=1) == labels).mean() > 0.9
