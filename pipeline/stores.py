@@ -47,13 +47,28 @@ def redact(url: str) -> str:
 def open_storage(url: str):
     """An Optuna RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file for a path."""
     import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return _rdb_storage(url, engine_kwargs)
+    except ImportError:  # SQLAlchemy found no driver for the URL's database
+        raise StorageError(f"no database driver installed for {redact(url)}. Fix: install the driver into "
+                           f".venv (PostgreSQL: .venv/bin/pip install psycopg2-binary), or use the default "
+                           f"SQLite storage (unset STORAGE / OPTUNA_STORAGE).") from None
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened; the message names it (password masked) and the fix."""
+
+
+def _rdb_storage(url: str, engine_kwargs: dict):
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
     with warnings.catch_warnings():
         # Heartbeats are marked experimental, but are Optuna's documented way to recover killed workers' trials.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

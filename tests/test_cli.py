@@ -204,3 +204,14 @@ def test_without_a_terminal_the_output_is_plain_lines(synthetic_dir):
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stdout and "\x1b[" not in done.stdout  # no bar, no cursor codes in a log file
     assert "epoch   1/2" in done.stdout and "epoch   2/2" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_storage_without_its_driver_is_one_line_that_hides_the_password(tmp_path, synthetic_env):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--trials", "1", "--no-tracking", "--storage",
+                           "postgresql://user:secret@127.0.0.1:1/optuna"], capture_output=True, text=True,
+                          env=synthetic_env, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no database driver" in errors[0] and "user:***@" in errors[0]
+    assert "secret" not in done.stdout + done.stderr
