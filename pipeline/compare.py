@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.paths import REPORTS_DIR
+from pipeline.progress import clock
 
 NEAR_BEST = 0.002  # "came within 0.2 points of its own best"
 
@@ -89,11 +90,11 @@ def format_table(records: list[StudyRecord]) -> str:
     lines = [header, "-" * len(header)]
     for r in records:
         best = f"{r.best_val_accuracy:.2%}" if r.best_val_accuracy is not None else "-"
-        near = (f"{_clock(r.seconds_to_near_best)} / {r.epochs_to_near_best} ep"
+        near = (f"{clock(r.seconds_to_near_best)} / {r.epochs_to_near_best} ep"
                 if r.seconds_to_near_best is not None else "-")
         lines.append(f"{r.study:<14}{r.model_family:<6}{r.sampler:<8}{r.pruner:<20}{best:>9}"
                      f"{f'{r.complete}/{r.pruned}/{r.failed}':>10}{f'{r.epochs_run} of {r.epochs_unpruned}':>15}"
-                     f"{_clock(r.wall_seconds):>9}{near:>16}")
+                     f"{clock(r.wall_seconds):>9}{near:>16}")
     lines.append("C/P/F: trials complete / pruned / failed. epochs: run, of what the finished trials would have run "
                  "unpruned. wall: busy wall time. to best-0.2: time and epochs until within 0.2 points of the best.")
     return "\n".join(lines)
@@ -169,7 +170,3 @@ def log_comparison(records: list[StudyRecord], page_path) -> str:
 def as_dict(record: StudyRecord) -> dict:
     return asdict(record)
 
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s"

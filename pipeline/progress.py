@@ -9,6 +9,12 @@ import sys
 import time
 
 
+def clock(seconds: float) -> str:
+    """Seconds as minutes and seconds, e.g. 6m56s: how every duration is shown."""
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
 def on_terminal(stream=None) -> bool:
     stream = stream or sys.stdout
     return hasattr(stream, "isatty") and stream.isatty()
@@ -28,8 +34,7 @@ class EpochBar:
     def update(self, epoch: int, val_accuracy: float) -> None:
         postfix = {"val": f"{val_accuracy:.4f}"}
         if self.deadline is not None:
-            minutes, seconds = divmod(int(max(0.0, self.deadline - time.time())), 60)
-            postfix["budget left"] = f"{minutes}m{seconds:02d}s"
+            postfix["budget left"] = clock(max(0.0, self.deadline - time.time()))
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(epoch - self.bar.n)
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.interrupts import InterruptGate
-from pipeline.progress import NoBar, epoch_bar
+from pipeline.progress import NoBar, clock, epoch_bar
 from pipeline.stores import open_storage
 from pipeline.study_file import StudySpec, load_study
 from pipeline.train import NonFiniteLossError, train
@@ -328,7 +328,7 @@ class ProgressLine:
             best = "no complete trial yet"
         print(f"trial {trial.number:3d} {trial.state.name:8s} {outcome:32s} | {best} | "
               f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-              f"{counts[TrialState.FAIL]} failed | {_clock(time.time() - self.started)}", flush=True)
+              f"{counts[TrialState.FAIL]} failed | {clock(time.time() - self.started)}", flush=True)
 
 
 def epoch_counts(trials, *, default_max_epochs: int | None = None) -> tuple[int, int]:
@@ -382,7 +382,7 @@ def format_summary(summary: dict) -> str:
         saved = unpruned - summary["epochs_run"]
         lines.append(f"Epochs: {summary['epochs_run']} run of {unpruned} that the finished trials "
                      f"could have used: pruning saved {saved} ({saved / unpruned:.0%})")
-    lines.append(f"Wall time this session: {_clock(summary['session_seconds'])}")
+    lines.append(f"Wall time this session: {clock(summary['session_seconds'])}")
     if "trial_tracking_seconds" in summary:
         in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]
         line = f"MLflow tracking: {in_trials:.1f} s of the finished trials' {of:.0f} s ({in_trials / of:.1%})"
@@ -395,7 +395,3 @@ def format_summary(summary: dict) -> str:
                      f"({promotion['val_accuracy']:.2%} validation): {promotion['outcome']}")
     return "\n".join(lines)
 
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s"

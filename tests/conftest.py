@@ -57,6 +57,15 @@ def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0) -> Path
     return folder
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (yet): for a server a test starts, or one that must be down."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("synthetic-fashion-mnist"))

@@ -13,18 +13,13 @@ import pytest
 
 from pipeline.data import CUSTOM_ENV_VAR
 from pipeline.paths import REPORTS_DIR
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOTS = REPORTS_DIR / "screenshots"
 PAGE_SECONDS = 60  # how long a single-page app may take to fetch and draw
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def pipeline(*args, env):

@@ -2,13 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from pipeline.data import CUSTOM_ENV_VAR, ENV_VAR
+from tests.conftest import free_port
 
 
 def run_cli(*args, data_dir, official=False, timeout=300, **env_vars):
@@ -64,16 +64,10 @@ def test_a_missing_dataset_is_one_clear_error(tmp_path):
     assert "not found" in done.stderr and "make data" in done.stderr
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["evaluate-best"], ["tune", "--study", "mlp", "--trials", "1"]])
 def test_a_tracking_server_that_is_down_is_one_line_not_minutes_of_retries(tmp_path, synthetic_dir, command):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, CUSTOM_ENV_VAR: str(synthetic_dir), "MLFLOW_TRACKING_URI": uri,
            "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
     # MLflow's own retries would take about four minutes: the timeout catches a return to that.
@@ -117,7 +111,7 @@ def listening_addresses(port: int) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["dashboard", "ui"])
 def test_the_uis_serve_the_configured_stores_on_127_0_0_1_only(tmp_path, command):
-    port = _closed_port()
+    port = free_port()
     env = {**os.environ, "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
     if command == "dashboard":
         import optuna

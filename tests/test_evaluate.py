@@ -11,6 +11,7 @@ import pytest
 from pipeline.evaluate import evaluate_registered
 from pipeline.registry import REGISTERED_MODEL, RegistryError
 from pipeline.search import run_session
+from tests.conftest import free_port
 from tests.shrunk import LEARNS, enqueue, session, tracker_for
 
 
@@ -95,14 +96,11 @@ def test_evaluate_best_without_a_registry_is_one_line_and_no_traceback(tmp_path,
 @pytest.mark.slow
 def test_the_champion_served_by_mlflow_answers_raw_pixels(registered, synthetic_dataset):
     import os
-    import socket
     import time
     import urllib.error
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = open(registered / "serve.log", "w+")  # a file, not a pipe nobody reads while the server talks
     server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=dict(os.environ),
                               stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.data import Splits, normalize
-from pipeline.train import NonFiniteLossError, nll_and_accuracy, train
+from pipeline.train import NonFiniteLossError, train
 
 
 def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
