@@ -1,9 +1,10 @@
 # Fashion-MNIST tuning pipeline. `make help` lists the targets.
 # Every target installs what it needs on first use (.venv, packages, dataset).
 #
-# Stores: the Python side owns the defaults and their precedence (pipeline/stores.py); make passes
-# STORAGE on only when you set it, else $OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the files
-# under studies/ and mlruns/. Recipes that could show a password in a URL are not echoed.
+# Stores: the Python side owns the defaults and their precedence (pipeline/stores.py). STORAGE, when
+# you set it, reaches Python as $OPTUNA_STORAGE in the environment, never on a command line (make's
+# echo and `ps` would show its password); else $OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the files
+# under studies/ and mlruns/.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,10 +17,13 @@ DASHBOARD_PORT ?= 8080
 UI_PORT ?= 5000
 SERVE_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY = true
-STORAGE_FLAG = $(if $(STORAGE),--storage '$(STORAGE)')
+ifdef STORAGE
+export OPTUNA_STORAGE = $(STORAGE)
+endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train tune evaluate-best compare dashboard ui serve test test-fast smoke bench clean
+.PHONY: help install data train tune evaluate-best compare dashboard ui serve services services-stop services-status \
+	test test-fast smoke bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -39,23 +43,32 @@ train: data ## train the notebook's MLP once and report train/validation/test ac
 	$(PY) -m pipeline train $(ARGS)
 
 tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
-	@$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) $(STORAGE_FLAG) \
+	@$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
 
 evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
 	$(PY) -m pipeline evaluate-best --prune-sweep $(ARGS)
 
 compare: $(INSTALLED) ## studies side by side: table, reports/compare.html, MLflow run (STUDIES="mlp cnn", STORAGE=url)
-	@$(PY) -m pipeline compare $(STUDIES) $(STORAGE_FLAG) $(ARGS)
+	@$(PY) -m pipeline compare $(STUDIES) $(ARGS)
 
 dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080, STORAGE=url)
-	@$(PY) -m pipeline dashboard --port $(DASHBOARD_PORT) $(STORAGE_FLAG)
+	@$(PY) -m pipeline dashboard --port $(DASHBOARD_PORT)
 
 ui: $(INSTALLED) ## the MLflow UI on the tracking store, at 127.0.0.1 (UI_PORT=5000)
 	@$(PY) -m pipeline ui --port $(UI_PORT)
 
 serve: $(INSTALLED) ## the champion behind MLflow's scoring server at 127.0.0.1 (SERVE_PORT=5001)
 	@$(PY) -m pipeline serve --port $(SERVE_PORT)
+
+services: $(INSTALLED) ## local PostgreSQL + MLflow tracking server on 127.0.0.1; prints the exports (PG_PORT, MLFLOW_PORT)
+	@$(PY) -m pipeline services start $(if $(PG_PORT),--pg-port $(PG_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+
+services-stop: $(INSTALLED) ## stop what make services started
+	@$(PY) -m pipeline services stop
+
+services-status: $(INSTALLED) ## say whether the services run, and where
+	@$(PY) -m pipeline services status
 
 test: data ## run the test suite (includes the real-data and slow tests)
 	$(PY) -m pytest $(ARGS)

@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the known failures below get one line, anything else a traceback
         from pipeline.data import DatasetError
         from pipeline.registry import RegistryError
+        from pipeline.services import ServicesError
         from pipeline.stores import StorageError, TrackingServerError
         from pipeline.study_file import StudyFileError
         from pipeline.train import NonFiniteLossError
 
-        known = (DatasetError, NonFiniteLossError, StudyFileError, RegistryError, TrackingServerError, StorageError)
+        known = (DatasetError, NonFiniteLossError, StudyFileError, RegistryError, TrackingServerError, StorageError,
+                 ServicesError)
         if isinstance(error, known):
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -123,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alias", default="champion", help="registry alias (default: champion)")
     add_address_options(serve, port=5001)
     serve.set_defaults(handler=run_serve)
+
+    services = commands.add_parser(
+        "services", help="start, stop or check a local PostgreSQL + MLflow tracking server (make services)",
+        description="A throwaway PostgreSQL cluster (databases optuna and mlflow) and an `mlflow server` on it "
+                    "with proxied artifacts, under $SERVICES_DIR (default .services/). `start` prints the "
+                    "two exports that point `make tune`, `make evaluate-best` and the UIs at them.")
+    services.add_argument("action", choices=["start", "stop", "status"])
+    services.add_argument("--host", default="127.0.0.1",
+                          help="address both bind to (default: 127.0.0.1; 0.0.0.0 lets other machines in)")
+    services.add_argument("--pg-port", type=int, help=f"PostgreSQL's port (default: {55432}, else a free one)")
+    services.add_argument("--mlflow-port", type=int, help=f"the tracking server's port (default: {5050}, else a free one)")
+    services.set_defaults(handler=run_services)
     return parser
 
 
@@ -219,7 +233,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     from pipeline.search import Session, format_summary, run_session
-    from pipeline.stores import redact, storage_url
+    from pipeline.stores import open_storage, redact, storage_url
     from pipeline.study_file import load_study
     from pipeline.tracking import session_tracker
 
@@ -236,6 +250,7 @@ def run_tune(args: argparse.Namespace) -> int:
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
     print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
           f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
+    open_storage(session.storage)  # a wrong URL or password is one line here, before any MLflow run exists
     tracker = session_tracker(spec, session.storage, enabled=args.tracking)
     try:
         summary = run_session(session, tracker)
@@ -284,19 +299,27 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    """Replace this process with optuna-dashboard, so Ctrl-C and exit codes are the dashboard's own."""
-    import os
+    """optuna-dashboard, served from this process: the storage URL (and its password) stays off the
+    command line that `ps` shows, and a wrong URL or password is one line before the server starts."""
+    from optuna_dashboard import run_server
 
-    from pipeline.stores import redact, storage_url
+    from pipeline.search import quiet_optuna
+    from pipeline.stores import open_storage, redact, storage_url
 
+    quiet_optuna()
     storage = storage_url(args.storage)
+    opened = open_storage(storage)
     print(f"optuna-dashboard for {redact(storage)} on http://{args.host}:{args.port}", flush=True)
-    dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    os.execv(dashboard, [str(dashboard), "--host", args.host, "--port", str(args.port), storage])
+    try:
+        run_server(opened, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    """Replace this process with `mlflow server` on the local store; a tracking server is its own UI."""
+    """Replace this process with `mlflow server` on the local store; a tracking server is its own UI.
+    The store's URI goes through the environment, not the command line `ps` shows."""
     import os
 
     from pipeline.paths import MLRUNS_DIR
@@ -307,8 +330,9 @@ def run_ui(args: argparse.Namespace) -> int:
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the MLflow UI itself: open {redact(uri)}")
         return 0
     print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port}", flush=True)
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
     mlflow = Path(sys.executable).parent / "mlflow"
-    os.execv(mlflow, [str(mlflow), "server", "--backend-store-uri", uri,
+    os.execv(mlflow, [str(mlflow), "server",
                       "--default-artifact-root", str(MLRUNS_DIR / "artifacts"),  # for experiments made in the UI
                       "--host", args.host, "--port", str(args.port)])
 
@@ -330,6 +354,28 @@ def run_serve(args: argparse.Namespace) -> int:
     mlflow = bin_dir / "mlflow"
     os.execv(mlflow, [str(mlflow), "models", "serve", "-m", f"models:/{args.model}@{args.alias}",
                       "--env-manager", "local", "--host", args.host, "--port", str(args.port)])
+
+
+def run_services(args: argparse.Namespace) -> int:
+    from pipeline.services import Services, services_dir
+
+    services = Services(services_dir())
+    if args.action == "stop":
+        services.stop()
+        print(f"stopped the services in {services.root}")
+        return 0
+    if args.action == "status":
+        print("\n".join(services.status()))
+        return 0
+    state = services.start(host=args.host, pg_port=args.pg_port, mlflow_port=args.mlflow_port)
+    print("\n".join(services.status()))
+    print(f"Artifacts are proxied by the server into {services.root / 'mlflow-artifacts'}.\n"
+          f"Paste into every shell that runs make tune, evaluate-best, dashboard or ui (the storage URL holds the "
+          f"database password, so it is read from a file readable by you only):\n"
+          f'  export OPTUNA_STORAGE="$(cat {services.storage_url_file})"\n'
+          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}\n"
+          f"make services-status says what runs; make services-stop stops both.")
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,15 +16,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from pipeline.checkpoints import NoCheckpoint, TrialCheckpoint
 from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.interrupts import InterruptGate
 from pipeline.progress import NoBar, clock, epoch_bar
 from pipeline.stores import open_storage
 from pipeline.study_file import StudySpec, load_study
-from pipeline.train import NonFiniteLossError, train
+from pipeline.train import EpochMetrics, NonFiniteLossError, train
 from pipeline.tracking import NullSessionTracker, NullTrialTracker
 
 # Trials that count towards a study's target: complete or pruned (FAIL does not; its retry will).
@@ -88,13 +90,14 @@ class Objective:
     """
 
     def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=NullTrialTracker,
-                 deferred=_no_deferral, new_bar=None):
+                 deferred=_no_deferral, new_bar=None, checkpoints: bool = False):
         self.spec = spec
         self.dataset = dataset
         self.device = device
         self.new_tracker = new_tracker
         self.deferred = deferred
         self.new_bar = new_bar or (lambda trial_number, epochs: NoBar())  # (trial number, epochs) -> a bar
+        self.checkpoints = checkpoints  # per-epoch checkpoints, so a retried trial resumes (checkpoints.py)
         self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
 
@@ -108,12 +111,20 @@ class Objective:
         config = self.spec.config_for(trial)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
-        epochs_run = 0
         tracker = self.new_tracker()
+        checkpoint = self.checkpoint_for(trial)
+        resumed = checkpoint.load()
+        epochs_run = resumed["epoch"] if resumed else 0
         with self.deferred():
             trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (--set may change it)
             tracker.start(trial.number, config, trial.params, self.run_tags)
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
+            if resumed:
+                # The epochs an earlier run of these parameters finished: the pruner and the run see them too.
+                trial.set_user_attr("resumed_from", f"{checkpoint.resumed_from.stem}, epoch {resumed['epoch']}")
+                for metrics in map(lambda m: EpochMetrics(**m), resumed["history"]):
+                    tracker.log_epoch(metrics)
+                    trial.report(metrics.val_accuracy, metrics.epoch)
 
         def on_epoch_end(epoch, metrics):
             nonlocal epochs_run
@@ -130,7 +141,8 @@ class Objective:
 
         bar = self.new_bar(trial.number, config.epochs)  # closed in the finally below
         try:
-            result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end)
+            result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end, resume_from=resumed,
+                           on_checkpoint=checkpoint.save)
             # The model is logged only when the trial beats the study's best so far: the best trial
             # always has one, and the cost stays off the trials that cannot be promoted. A Ctrl-C
             # from here on waits for the trial to be told COMPLETE.
@@ -138,6 +150,7 @@ class Objective:
                 model_uri = tracker.complete(result, splits,
                                              log_model=_improves_on_best(trial, result.best_val_accuracy))
         except NonFiniteLossError as error:
+            checkpoint.remove()
             with self.deferred():
                 trial.set_user_attr("fail_reason", str(error))
                 tracker.failed(str(error))
@@ -148,8 +161,9 @@ class Objective:
                 tracker.failed("interrupted (Ctrl-C)")
             raise
         except optuna.TrialPruned:
+            checkpoint.remove()
             raise
-        except Exception as error:
+        except Exception as error:  # kept: a trial that lost its storage is retried (see _work)
             with self.deferred():
                 tracker.failed(repr(error))
             raise
@@ -163,7 +177,22 @@ class Objective:
             trial.set_user_attr("best_epoch", result.best_epoch)
             if model_uri:
                 trial.set_user_attr("model_uri", model_uri)
+        checkpoint.remove()
         return result.best_val_accuracy
+
+    def checkpoint_for(self, trial: optuna.Trial):
+        if not self.checkpoints:
+            return NoCheckpoint()
+        return TrialCheckpoint.for_trial(self.spec.name, trial.number, earlier_runs(trial))
+
+
+def earlier_runs(trial: optuna.Trial) -> list[int]:
+    """The trials that ran these parameters before this one, oldest first: Optuna's heartbeat retries
+    (system attribute `retry_history`) and our Ctrl-C re-queue (user attribute `retry_of`)."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    # A heartbeat retry copies the stale trial's user attributes, so a `retry_of` there is the older one.
+    earlier = [frozen.user_attrs["retry_of"]] if "retry_of" in frozen.user_attrs else []
+    return earlier + RetryHeartbeatStaleTrialCallback.retry_history(frozen)
 
 
 def _set_user_attrs(trial: optuna.Trial, attributes: dict) -> None:
@@ -275,7 +304,7 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
                 return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
 
             objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred,
-                                                 new_bar))
+                                                 new_bar, checkpoints=True))
         before = _count_complete_or_pruned(study)
         failed_before = _count_failed(study)
         with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling

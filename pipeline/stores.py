@@ -20,8 +20,9 @@ STORAGE_ENV = "OPTUNA_STORAGE"
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR / 'optuna.db'}"  # one file: the dashboard shows every study
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
-HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for GRACE_SECONDS is failed and retried
-GRACE_SECONDS = 30
+HEARTBEAT_ENV = "OPTUNA_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for 3 intervals is failed and retried
+CONNECT_TIMEOUT_SECONDS = 5  # a database host that does not answer is reported, not waited on for minutes
 SERVER_PROBE_SECONDS = 5  # how long to wait for a tracking server before saying it is not there
 
 
@@ -44,40 +45,95 @@ def redact(url: str) -> str:
     return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", url, flags=re.IGNORECASE)
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file for a path."""
+def heartbeat_seconds() -> int:
+    """Seconds between a running trial's heartbeats ($OPTUNA_HEARTBEAT_SECONDS, default 10); a trial
+    silent for three of them counts as stale. The tests shorten it to kill workers quickly."""
+    return int(os.environ.get(HEARTBEAT_ENV) or HEARTBEAT_SECONDS)
+
+
+def open_storage(url: str, *, on_stale_trial=None):
+    """An Optuna RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file for a path.
+
+    A trial whose worker stopped beating (killed, machine lost) is failed by the next worker that
+    asks for a trial and re-queued by Optuna's RetryHeartbeatStaleTrialCallback; ``on_stale_trial``
+    (study, trial) runs after that, to mark the trial's MLflow run. A database that cannot be
+    reached, or refuses the password, is one StorageError naming it (password masked) and the fix.
+    """
     import optuna
 
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
+    else:
+        # pre-ping: a connection the server dropped (idle timeout, restart) is replaced, not used and failed.
+        engine_kwargs = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    import sqlalchemy.exc
+
     try:
-        return _rdb_storage(url, engine_kwargs)
+        return _rdb_storage(url, engine_kwargs, on_stale_trial)
     except ImportError:  # SQLAlchemy found no driver for the URL's database
-        raise StorageError(f"no database driver installed for {redact(url)}. Fix: install the driver into "
-                           f".venv (PostgreSQL: .venv/bin/pip install psycopg2-binary), or use the default "
-                           f"SQLite storage (unset STORAGE / OPTUNA_STORAGE).") from None
+        raise StorageError(f"no database driver installed for {redact(url)}. Fix: `make install` (it installs "
+                           f"psycopg2-binary for PostgreSQL); for another database install its SQLAlchemy driver "
+                           f"into .venv, or use the default SQLite storage (unset STORAGE / OPTUNA_STORAGE).") from None
+    except sqlalchemy.exc.ArgumentError:  # an unknown scheme, or a URL SQLAlchemy cannot parse
+        raise StorageError(f"{redact(url)} is not a storage URL Optuna can open. Fix: use sqlite:///path.db, "
+                           f"postgresql://user:password@host:port/db, or a journal file path (no ://).") from None
+    except sqlalchemy.exc.OperationalError as error:  # refused, timed out, wrong password, no such database
+        reason = _hide_password(url, _first_line(error.orig or error))
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
+                           f"{_storage_fix(reason)}") from None
+
+
+def _storage_fix(reason: str) -> str:
+    if "password" in reason or "authentication" in reason:
+        return "correct the user and password in STORAGE / OPTUNA_STORAGE."
+    if "does not exist" in reason:
+        return "create the database (createdb NAME), or name one that exists."
+    return ("start the database, or correct the host and port (`make services` starts a local PostgreSQL; "
+            "unset STORAGE / OPTUNA_STORAGE for the SQLite file under studies/).")
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def _hide_password(url: str, text: str) -> str:
+    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/:@]*:([^/@]+)@", url, flags=re.IGNORECASE)
+    return text.replace(match.group(1), "***") if match else text
 
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be opened; the message names it (password masked) and the fix."""
 
 
-def _rdb_storage(url: str, engine_kwargs: dict):
+def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    from pipeline.heartbeats import PatientHeartbeatStorage
+
+    def stale_trial(study, trial):
+        retry(study, trial)
+        if on_stale_trial is not None:
+            on_stale_trial(study, trial)
+
+    interval = heartbeat_seconds()
     with warnings.catch_warnings():
         # Heartbeats are marked experimental, but are Optuna's documented way to recover killed workers' trials.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        return PatientHeartbeatStorage(
             url,
-            engine_kwargs=engine_kwargs,  # SQLite: wait for a busy writer instead of "database is locked"
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=interval,
+            grace_period=3 * interval,
+            heartbeat_stale_trial_callback=stale_trial,
         )
 
 

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +63,17 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
-          on_epoch_end: EpochCallback | None = None) -> TrainResult:
+          on_epoch_end: EpochCallback | None = None, resume_from: dict | None = None,
+          on_checkpoint: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``config`` on ``data``; return the history and the model at its best validation epoch.
 
     ``on_epoch_end(epoch, metrics)`` runs after each epoch's validation; an exception raised there
     (Optuna's TrialPruned, say) ends training and propagates to the caller.
+
+    ``on_checkpoint(state)`` receives, after each epoch (before ``on_epoch_end``), everything needed
+    to go on from there: weights, optimizer, scheduler, random generators, best-so-far and history.
+    ``resume_from`` takes such a state and continues at the next epoch; with the same config and
+    data the result is the one an uninterrupted run gets.
     """
     device = torch.device(device)
     started = time.perf_counter()
@@ -89,7 +95,24 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
     result = TrainResult(model=model)
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_improvement = 0
-    for epoch in range(1, config.epochs + 1):
+    first_epoch = 1
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume_from["scheduler"])
+        torch.set_rng_state(resume_from["torch_rng"])
+        generator.set_state(resume_from["generator"])
+        if device.type == "cuda" and resume_from.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume_from["cuda_rng"], device)
+        best_state = resume_from["best_state"]
+        result.best_val_accuracy, result.best_epoch = resume_from["best_val_accuracy"], resume_from["best_epoch"]
+        result.history = [EpochMetrics(**m) for m in resume_from["history"]]
+        epochs_without_improvement = resume_from["epochs_without_improvement"]
+        first_epoch = resume_from["epoch"] + 1
+        if config.patience and epochs_without_improvement >= config.patience:
+            first_epoch, result.stopped_early = config.epochs + 1, True
+    for epoch in range(first_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -136,6 +159,16 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "best_state": best_state, "best_val_accuracy": result.best_val_accuracy,
+                "best_epoch": result.best_epoch, "epochs_without_improvement": epochs_without_improvement,
+                "history": [asdict(m) for m in result.history],
+            })
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
         if config.patience and epochs_without_improvement >= config.patience:

@@ -98,8 +98,10 @@ def tiny_config() -> TrainConfig:
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_store(tmp_path, monkeypatch):
-    """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/."""
+    """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/,
+    and keeps its trials' checkpoints in its own folder, never studies/checkpoints/."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 

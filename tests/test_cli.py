@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -132,19 +133,31 @@ def test_the_uis_serve_the_configured_stores_on_127_0_0_1_only(tmp_path, command
         process.wait(timeout=30)
 
 
-def test_make_passes_a_store_only_when_the_user_sets_one():
+def test_make_hands_storage_to_python_in_the_environment_never_on_a_command_line():
     import shutil
 
     if not shutil.which("make"):
         pytest.skip("no make")
+    repo = os.path.dirname(os.path.dirname(__file__))
+    url = "postgresql://user:hunter2@db.example/optuna"
+    # PY stands in for the virtualenv's python: it shows the command line and environment make gives it.
+    show = "sh -c 'echo \"argv: $$*\"; echo \"env: $$OPTUNA_STORAGE\"' python"
 
-    def tune_recipe(*assignments):
-        done = subprocess.run(["make", "-n", "tune", *assignments], capture_output=True, text=True, timeout=60,
-                              cwd=os.path.dirname(os.path.dirname(__file__)))
-        return next(line for line in done.stdout.splitlines() if "pipeline tune" in line)
+    def make_tune(*assignments):
+        environment = {k: v for k, v in os.environ.items() if k != "OPTUNA_STORAGE"}
+        done = subprocess.run(["make", "--no-print-directory", "-o", "data", "tune", f"PY={show}", *assignments],
+                              capture_output=True, text=True, timeout=60, cwd=repo, env=environment)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
-    assert "--storage" not in tune_recipe()  # so $OPTUNA_STORAGE, or the default, decides in Python
-    assert "--storage 'sqlite:///elsewhere.db'" in tune_recipe("STORAGE=sqlite:///elsewhere.db")
+    shown = make_tune(f"STORAGE={url}")
+    assert f"env: {url}" in shown  # Python gets it as $OPTUNA_STORAGE ...
+    argv = next(line for line in shown.splitlines() if line.startswith("argv:"))
+    assert "hunter2" not in argv and "--storage" not in argv  # ... and never where make echoes or ps shows
+    dry_run = subprocess.run(["make", "-n", "tune", f"STORAGE={url}"], capture_output=True, text=True, timeout=60,
+                             cwd=repo)
+    assert "hunter2" not in dry_run.stdout + dry_run.stderr
+    assert "env: \n" in make_tune()  # unset: the default decides, in Python
 
 
 def run_on_a_terminal(command: list[str], env: dict, timeout: float = 300) -> str:
@@ -204,11 +217,18 @@ def test_without_a_terminal_the_output_is_plain_lines(synthetic_dir):
 
 
 @pytest.mark.slow
-def test_a_storage_without_its_driver_is_one_line_that_hides_the_password(tmp_path, synthetic_env):
-    done = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--trials", "1", "--no-tracking", "--storage",
-                           "postgresql://user:secret@127.0.0.1:1/optuna"], capture_output=True, text=True,
-                          env=synthetic_env, timeout=120)
+@pytest.mark.parametrize("url, says", [
+    ("mysql://user:secret@127.0.0.1:1/optuna", "no database driver"),  # no MySQL driver in .venv
+    ("postgresql://user:secret@127.0.0.1:1/optuna", "Connection refused"),  # nothing listens there
+    ("nosuchdb://user:secret@host/optuna", "not a storage URL"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_line_that_hides_the_password(tmp_path, synthetic_env, url, says):
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--trials", "1", "--storage", url],
+                          capture_output=True, text=True, env=synthetic_env, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "no database driver" in errors[0] and "user:***@" in errors[0]
+    assert len(errors) == 1 and says in errors[0] and "Fix:" in errors[0], done.stderr
     assert "secret" not in done.stdout + done.stderr
+    assert time.time() - started < 10
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was created: no experiment, no session run

@@ -147,3 +147,35 @@ def test_flip_augmentation_reaches_the_training_batches(tiny_config, augment):
     assert plain.best_val_accuracy == 1.0  # the sides are easy to learn ...
     # ... unless half the training images are mirrored, so that each side carries both labels.
     assert max(m.train_batch_accuracy for m in flipped.history) < 0.75
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthetic_splits, tiny_config, tmp_path,
+                                                                         model):
+    # Dropout, augmentation and a per-batch schedule: every random generator and the scheduler must resume.
+    config = tiny_config.replace(model=model, epochs=4, dropout=0.3, augment="crop-flip", schedule="onecycle",
+                                 cnn_channels=(4, 8), cnn_convs_per_stage=1)
+    whole = train(config, synthetic_splits, device="cpu")
+
+    from pipeline.checkpoints import TrialCheckpoint
+
+    checkpoint = TrialCheckpoint(tmp_path / "trial-0.pt", [])
+
+    def killed_after_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, synthetic_splits, device="cpu", on_epoch_end=killed_after_epoch_2, on_checkpoint=checkpoint.save)
+    state = TrialCheckpoint(tmp_path / "trial-1.pt", [tmp_path / "trial-0.pt"]).load()
+    assert state["epoch"] == 2
+    epochs_after_resume = []
+    resumed = train(config, synthetic_splits, device="cpu", resume_from=state,
+                    on_epoch_end=lambda epoch, metrics: epochs_after_resume.append(epoch))
+
+    assert epochs_after_resume == [3, 4]  # not from epoch 1
+    assert [m.val_accuracy for m in resumed.history] == [m.val_accuracy for m in whole.history]
+    assert [m.train_batch_loss for m in resumed.history] == [m.train_batch_loss for m in whole.history]
+    assert (resumed.best_val_accuracy, resumed.best_epoch) == (whole.best_val_accuracy, whole.best_epoch)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name

@@ -1,0 +1,79 @@
+"""Per-epoch checkpoints of a tuning trial, so that a retried or interrupted trial resumes where it
+stopped instead of at epoch 1 (the pattern of Optuna's pytorch_checkpoint example).
+
+A trial writes <folder>/<study>/trial-<number>.pt after every epoch. A trial that re-runs another
+one's parameters (a Ctrl-C re-queue names it in the user attribute `retry_of`; Optuna's heartbeat
+retry in the system attribute `retry_history`) starts from the newest checkpoint among those
+trials. The files go when the trial ends for good (complete, pruned, diverged); they stay when it
+may be run again (interrupted, killed, its storage lost). The folder is studies/checkpoints/ by
+default; set $CHECKPOINT_DIR to a shared one so that a trial killed on one machine resumes on another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.paths import STUDIES_DIR
+
+CHECKPOINT_DIR_ENV = "CHECKPOINT_DIR"
+
+
+def checkpoint_dir() -> Path:
+    return Path(os.environ.get(CHECKPOINT_DIR_ENV) or STUDIES_DIR / "checkpoints")
+
+
+class TrialCheckpoint:
+    """One trial's checkpoint file, and the earlier trial's it may resume from."""
+
+    def __init__(self, path: Path, resume_candidates: list[Path]):
+        self.path = path
+        self.resume_candidates = resume_candidates  # newest first
+        self.resumed_from: Path | None = None
+
+    @classmethod
+    def for_trial(cls, study_name: str, trial_number: int, earlier_trials: list[int]) -> TrialCheckpoint:
+        folder = checkpoint_dir() / study_name
+        return cls(folder / f"trial-{trial_number}.pt", [folder / f"trial-{n}.pt" for n in reversed(earlier_trials)])
+
+    def load(self) -> dict | None:
+        """The newest state an earlier run of these parameters left, or None to start at epoch 1."""
+        for path in [self.path, *self.resume_candidates]:
+            if path.exists():
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a file cut short when its writer was killed: start over
+                    continue
+                self.resumed_from = path
+                return state
+        return None
+
+    def save(self, state: dict) -> None:
+        """Write atomically: a worker killed mid-write leaves the previous epoch's file intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+    def remove(self) -> None:
+        """The trial ended for good: its checkpoint and the one it resumed from are no longer needed."""
+        for path in (self.path, self.resumed_from):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+class NoCheckpoint:
+    """Checkpoints off (the tests of other behaviour, a bare `train`)."""
+
+    resumed_from = None
+
+    def load(self):
+        return None
+
+    def save(self, state):
+        pass
+
+    def remove(self):
+        pass

@@ -1,0 +1,276 @@
+"""`make services`: a throwaway PostgreSQL cluster and an MLflow tracking server, for studies shared
+by several sessions or machines.
+
+PostgreSQL (Debian's) holds two databases: `optuna` (the studies) and `mlflow` (the tracking
+server's backend store). The tracking server proxies artifacts (`--artifacts-destination`), so
+clients send models and figures over HTTP and need no shared filesystem. Everything lives under
+one folder (.services/ by default, ignored by git): the cluster, the artifacts, the logs and
+services.json (ports, password, the server's process id). Both bind to 127.0.0.1 unless told
+otherwise. PostgreSQL refuses to run as root, so under root it runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.paths import REPO_ROOT
+
+SERVICES_DIR_ENV = "SERVICES_DIR"
+DEFAULT_PG_PORT, DEFAULT_MLFLOW_PORT = 55432, 5050  # taken when free, else a free port
+DB_USER = "pipeline"
+SERVER_START_SECONDS = 180  # the first start creates MLflow's tables (about 20 s on 2 cores)
+
+
+class ServicesError(RuntimeError):
+    """A service cannot start or be found; the message names it and the fix."""
+
+
+def services_dir() -> Path:
+    return Path(os.environ.get(SERVICES_DIR_ENV) or REPO_ROOT / ".services").resolve()
+
+
+@dataclass(frozen=True)
+class Services:
+    root: Path
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "services.json"
+
+    @property
+    def storage_url_file(self) -> Path:
+        return self.root / "optuna-storage-url"
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def save_state(self, state: dict) -> None:
+        self.state_file.write_text(json.dumps(state, indent=2))
+        self.state_file.chmod(0o600)  # it holds the database password
+
+    def database_url(self, database: str, state: dict | None = None) -> str:
+        state = state or self.state()
+        return f"postgresql://{DB_USER}:{state['password']}@127.0.0.1:{state['pg_port']}/{database}"
+
+    def tracking_uri(self, state: dict | None = None) -> str:
+        state = state or self.state()
+        return f"http://127.0.0.1:{state['mlflow_port']}"
+
+    # PostgreSQL -------------------------------------------------------------------------------
+
+    def pg(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run one of PostgreSQL's programs, as the `postgres` user when we are root."""
+        return _run_as_postgres([str(postgres_bin_dir() / program), *args], check=check)
+
+    def postgres_running(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists() and self.pg("pg_ctl", "status", "-D", str(self.pgdata),
+                                                                 check=False).returncode == 0
+
+    def start_postgres(self, state: dict, host: str) -> None:
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(state["password"], host)
+        if self.postgres_running():
+            return
+        log = self.root / "postgres.log"
+        log.touch()
+        if os.geteuid() == 0:
+            shutil.chown(log, "postgres", "postgres")  # the server writes it as the postgres user
+        options = f"-c listen_addresses={host} -p {state['pg_port']} -k {self.pgdata}"
+        self.pg("pg_ctl", "start", "-D", str(self.pgdata), "-l", str(log), "-w", "-t", "60", "-o", options)
+        self._create_databases(state)
+
+    def _initdb(self, password: str, host: str) -> None:
+        self.pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+        password_file = self.root / "initdb-password"
+        password_file.write_text(password)
+        try:
+            if os.geteuid() == 0:
+                for path in (self.pgdata, password_file):
+                    shutil.chown(path, "postgres", "postgres")
+                if _run_as_postgres(["test", "-w", str(self.pgdata)], check=False).returncode != 0:
+                    raise ServicesError(f"the postgres user cannot reach {self.pgdata} (a parent folder is private). "
+                                        f"Fix: SERVICES_DIR=/var/tmp/pipeline-services make services")
+            # Local socket: trusted (the socket sits in the cluster's own folder); TCP: the password.
+            self.pg("initdb", "-D", str(self.pgdata), "-U", DB_USER, f"--pwfile={password_file}",
+                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions")
+        finally:
+            password_file.unlink(missing_ok=True)
+        if host not in ("127.0.0.1", "localhost"):
+            with open(self.pgdata / "pg_hba.conf", "a") as hba:
+                hba.write("host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
+
+    def _create_databases(self, state: dict) -> None:
+        import psycopg
+
+        with psycopg.connect(self.database_url("postgres", state), autocommit=True) as connection:
+            existing = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
+            for database in ("optuna", "mlflow"):
+                if database not in existing:
+                    connection.execute(f'CREATE DATABASE "{database}"')
+
+    def stop_postgres(self) -> None:
+        if self.postgres_running():
+            self.pg("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w")
+
+    # MLflow tracking server -------------------------------------------------------------------
+
+    def server_pid(self) -> int | None:
+        pid = self.state().get("mlflow_pid")
+        if pid is None:
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def server_healthy(self, state: dict | None = None) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.tracking_uri(state)}/health", timeout=2).close()
+            return True
+        except (OSError, KeyError):
+            return False
+
+    def start_server(self, state: dict, host: str) -> None:
+        if self.server_pid() and self.server_healthy(state):
+            return
+        artifacts = self.root / "mlflow-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow", state),  # not on argv: ps shows argv
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        mlflow = Path(sys.executable).parent / "mlflow"
+        with open(self.root / "mlflow.log", "ab") as log:
+            process = subprocess.Popen(
+                [str(mlflow), "server", "--artifacts-destination", str(artifacts), "--host", host,
+                 "--port", str(state["mlflow_port"]), "--workers", "2"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() ends the server and its workers
+            )
+        state["mlflow_pid"] = process.pid
+        self.save_state(state)
+        deadline = time.time() + SERVER_START_SECONDS
+        while not self.server_healthy(state):
+            if process.poll() is not None or time.time() > deadline:
+                self.stop_server()
+                tail = (self.root / "mlflow.log").read_text(errors="replace").strip().splitlines()[-5:]
+                raise ServicesError(f"the MLflow server did not start; the end of {self.root / 'mlflow.log'}:\n"
+                                    + "\n".join(tail))
+            time.sleep(0.5)
+
+    def stop_server(self) -> None:
+        pid = self.server_pid()
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(100):
+            if self.server_pid() is None:
+                return
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap it when we started it ourselves
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+
+    # Both -------------------------------------------------------------------------------------
+
+    def start(self, *, host: str = "127.0.0.1", pg_port: int | None = None, mlflow_port: int | None = None) -> dict:
+        """Start what is not running (creating the cluster on first use); return the state."""
+        ensure_postgres_installed()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self.root.chmod(0o755)  # the postgres user must reach the cluster folder inside
+        state = self.state()
+        state.setdefault("password", secrets.token_urlsafe(18))
+        if pg_port or not self.postgres_running():
+            state["pg_port"] = pg_port or state.get("pg_port") or free_port(DEFAULT_PG_PORT)
+        if mlflow_port or not self.server_pid():
+            state["mlflow_port"] = mlflow_port or state.get("mlflow_port") or free_port(DEFAULT_MLFLOW_PORT)
+        state["host"] = host
+        self.save_state(state)
+        self.start_postgres(state, host)
+        self.start_server(state, host)
+        self.storage_url_file.write_text(self.database_url("optuna", state))
+        self.storage_url_file.chmod(0o600)
+        return self.state()
+
+    def stop(self) -> None:
+        self.stop_server()
+        self.stop_postgres()
+
+    def status(self) -> list[str]:
+        state = self.state()
+        if not state:
+            return [f"no services in {self.root} (make services starts them)"]
+        postgres = "running" if self.postgres_running() else "stopped"
+        server = "running" if self.server_pid() and self.server_healthy(state) else "stopped"
+        return [f"PostgreSQL on 127.0.0.1:{state['pg_port']}: {postgres} (data in {self.pgdata})",
+                f"MLflow tracking server on {self.tracking_uri(state)}: {server} (log {self.root / 'mlflow.log'})"]
+
+
+def postgres_bin_dir() -> Path | None:
+    """Debian keeps PostgreSQL's programs off PATH, in /usr/lib/postgresql/<version>/bin."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    if versions:
+        return versions[-1].parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path else None
+
+
+def ensure_postgres_installed() -> None:
+    if postgres_bin_dir() is not None:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ServicesError("PostgreSQL is not installed. Fix: sudo apt-get install postgresql (Debian/Ubuntu), "
+                            "then make services again.")
+    print("installing Debian's postgresql (apt-get)...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "-q", "postgresql"], ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "postgresql"]):
+        if subprocess.run(command, env=env, capture_output=True).returncode == 0 and postgres_bin_dir():
+            return
+    raise ServicesError("apt-get could not install postgresql. Fix: apt-get update && apt-get install postgresql")
+
+
+def _run_as_postgres(command: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+    """initdb and postgres refuse to run as root: under root, run them as the `postgres` user."""
+    as_postgres = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+    result = subprocess.run(command, capture_output=True, text=True, cwd="/", **as_postgres)
+    if check and result.returncode != 0:
+        name = Path(command[0]).name
+        raise ServicesError(f"{name} failed: {(result.stderr or result.stdout).strip()[-800:]}")
+    return result
+
+
+def free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise ServicesError("no free port on 127.0.0.1")
