@@ -47,29 +47,55 @@ def register(model_uri: str, run_id: str, *, val_accuracy: float, study: str, tr
 
 
 def promote(version, *, name: str = REGISTERED_MODEL) -> str:
-    """Move ``champion`` to ``version`` if its validation accuracy beats the champion's (or there is
-    none); otherwise mark it ``challenger``. Returns what happened, in words."""
+    """Move ``champion`` to ``version`` if it beats the champion (see ``_beats``), else mark it
+    ``challenger``. Returns what happened, in words.
+
+    Two sessions may promote at the same moment, each deciding on the champion it read before the
+    other wrote. So after writing, the alias is read again and settled on the best version trained
+    on the same data, until it holds still: the last writer always sees every version registered
+    before it, so ``champion`` ends on the best one, never on a worse one."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
+    champion = _champion(client, name)
     if champion is not None and champion.version == version.version:
         return "already champion"
-    champion_accuracy = val_accuracy_of(champion) if champion is not None else None
-    if champion is None or champion_accuracy is None:
-        promoted, why = True, ""
-    elif not _same_data(champion, version):
-        promoted = version.tags.get("dataset") == "official"
-        why = f" (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
-    else:
-        promoted = val_accuracy_of(version) > champion_accuracy
-        why = "" if promoted else f" (champion v{champion.version} has {champion_accuracy:.2%})"
-    client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version.version)
-    return ("promoted to champion" if promoted else "challenger") + why
+    if _beats(version, champion):
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    for _ in range(10):
+        champion = _champion(client, name)
+        peers = client.search_model_versions(f"name='{name}'")
+        best = max((v for v in peers if _same_data(v, version) and val_accuracy_of(v) is not None),
+                   key=lambda v: (val_accuracy_of(v), -int(v.version)), default=version)
+        if champion is not None and (champion.version == best.version or not _beats(best, champion)):
+            break
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    if champion is not None and champion.version == version.version:
+        return "promoted to champion"
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if champion is not None and not _same_data(champion, version):
+        return f"challenger (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
+    return f"challenger (champion v{champion.version} has {val_accuracy_of(champion):.2%})"
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _beats(candidate, champion) -> bool:
+    """Whether ``candidate`` should be champion instead of ``champion``: a higher validation accuracy
+    on the same data; a model on the official data displaces one trained on other data, never the
+    other way round; anything displaces a champion without a recorded accuracy."""
+    if champion is None or val_accuracy_of(champion) is None:
+        return True
+    if not _same_data(champion, candidate):
+        return candidate.tags.get("dataset") == "official"
+    return val_accuracy_of(candidate) > val_accuracy_of(champion)
 
 
 def _same_data(champion, candidate) -> bool:
@@ -97,7 +123,7 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.stores import redact
+    from pipeline.stores import first_line, redact
 
     client = mlflow.MlflowClient()
     uri = redact(mlflow.get_tracking_uri())
@@ -107,10 +133,10 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
         if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
             raise RegistryError(f"no registered model {name!r} in {uri}. Fix: run `make tune` first (it "
                                 f"registers the best model), or set MLFLOW_TRACKING_URI to the store that has it.") from None
-        raise RegistryError(f"cannot read the model registry at {uri}: {_first_line(error)}. Fix: check "
+        raise RegistryError(f"cannot read the model registry at {uri}: {first_line(error)}. Fix: check "
                             f"MLFLOW_TRACKING_URI (is the server running?).") from None
     except Exception as error:  # connection refused, DNS, ... (raised by the REST client)
-        raise RegistryError(f"cannot reach the tracking server at {uri}: {_first_line(error)}. Fix: start it, "
+        raise RegistryError(f"cannot reach the tracking server at {uri}: {first_line(error)}. Fix: start it, "
                             f"or set MLFLOW_TRACKING_URI to a reachable one.") from None
     try:
         if version is not None:
@@ -120,7 +146,3 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
         wanted = f"version {version}" if version is not None else f"alias {alias!r}"
         raise RegistryError(f"model {name!r} has no {wanted} in {uri}. Fix: run `make tune` until a model is "
                             f"promoted, or pick another with --version N / --alias NAME.") from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__

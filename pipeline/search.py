@@ -16,6 +16,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy.exc
+import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -24,13 +26,18 @@ from pipeline.data import FashionMNIST, Splits, load_fashion_mnist, make_splits
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.interrupts import InterruptGate
 from pipeline.progress import NoBar, clock, epoch_bar
-from pipeline.stores import open_storage
+from pipeline.stores import StorageError, database_problem, first_line, open_storage
 from pipeline.study_file import StudySpec, load_study
 from pipeline.train import EpochMetrics, NonFiniteLossError, train
 from pipeline.tracking import NullSessionTracker, NullTrialTracker
 
 # Trials that count towards a study's target: complete or pruned (FAIL does not; its retry will).
 COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Errors that end one trial as FAIL, with the reason, while the study goes on.
+TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError, MemoryError)
+# The storage went away (a database restart, a network cut): the worker waits for it, then goes on.
+STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+RECONNECT_SECONDS = 120
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -100,6 +107,7 @@ class Objective:
         self.checkpoints = checkpoints  # per-epoch checkpoints, so a retried trial resumes (checkpoints.py)
         self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
+        self.current_trial: int | None = None  # the number of the trial running, or last run
 
     def splits_for(self, val_size: int, train_subset: int) -> Splits:
         key = (val_size, train_subset)
@@ -108,6 +116,7 @@ class Objective:
         return self._splits[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current_trial = trial.number
         config = self.spec.config_for(trial)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
@@ -149,11 +158,12 @@ class Objective:
             with self.deferred(raise_after=False):
                 model_uri = tracker.complete(result, splits,
                                              log_model=_improves_on_best(trial, result.best_val_accuracy))
-        except NonFiniteLossError as error:
+        except TRIAL_ERRORS as error:
             checkpoint.remove()
+            reason = str(error) if isinstance(error, NonFiniteLossError) else _out_of_memory(error, self.device)
             with self.deferred():
-                trial.set_user_attr("fail_reason", str(error))
-                tracker.failed(str(error))
+                trial.set_user_attr("fail_reason", reason)
+                tracker.failed(reason)
             raise
         except KeyboardInterrupt:
             with self.deferred(raise_after=False):  # a second Ctrl-C must not stop the bookkeeping
@@ -193,6 +203,12 @@ def earlier_runs(trial: optuna.Trial) -> list[int]:
     # A heartbeat retry copies the stale trial's user attributes, so a `retry_of` there is the older one.
     earlier = [frozen.user_attrs["retry_of"]] if "retry_of" in frozen.user_attrs else []
     return earlier + RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+
+
+def _out_of_memory(error: BaseException, device) -> str:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the next trial the memory this one held
+    return f"out of memory ({first_line(error)}); lower batch_size or the layer widths"
 
 
 def _set_user_attrs(trial: optuna.Trial, attributes: dict) -> None:
@@ -284,47 +300,82 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
     spec = session.load_spec()
     device = pick_device(session.device)
     if device.type == "cuda" and device.index is None:
-        import torch
-
         device = torch.device("cuda", worker % torch.cuda.device_count())  # one worker per GPU
     configure_cpu_threads(session.workers)
     quiet_optuna()
-    study = open_study(spec, open_storage(session.storage), worker=worker)
+    study = _open_for_worker(session, spec, trial_trackers, worker)
     objective = None
     deadline = None if session.timeout is None else started + session.timeout
     gate = InterruptGate()
     while True:
-        # Failed trials do not count towards the target, so go round until enough have finished.
-        remaining = session.target_trials - _count_complete_or_pruned(study)
-        seconds_left = None if deadline is None else deadline - time.time()
-        if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
-            return
-        if objective is None:
-            def new_bar(trial_number, epochs):  # one line per worker on a terminal
-                return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
+        try:
+            # Failed trials do not count towards the target, so go round until enough have finished.
+            remaining = session.target_trials - _count_complete_or_pruned(study)
+            seconds_left = None if deadline is None else deadline - time.time()
+            if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
+                return
+            if objective is None:
+                def new_bar(trial_number, epochs):  # one line per worker on a terminal
+                    return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
 
-            objective = gate.objective(Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred,
-                                                 new_bar, checkpoints=True))
-        before = _count_complete_or_pruned(study)
-        failed_before = _count_failed(study)
-        with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=seconds_left,
-                catch=(NonFiniteLossError,),  # a diverged trial is FAIL with its reason; the study goes on
-                callbacks=[
-                    # The target across workers: each stops once the study has enough.
-                    optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
-                    ProgressLine(started, spec.max_epochs),
-                    gate.after_trial,
-                ],
-            )
+                objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
+                                      checkpoints=True)
+            before = _count_complete_or_pruned(study)
+            failed_before = _count_failed(study)
+            with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
+                study.optimize(
+                    gate.objective(objective),
+                    n_trials=remaining,
+                    timeout=seconds_left,
+                    catch=TRIAL_ERRORS,  # a diverged or out-of-memory trial is FAIL with its reason; the study goes on
+                    callbacks=[
+                        # The target across workers: each stops once the study has enough.
+                        optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
+                        ProgressLine(started, spec.max_epochs),
+                        gate.after_trial,
+                    ],
+                )
+        except STORAGE_LOST as error:
+            print(f"worker {worker}: lost the study storage ({database_problem(session.storage, error)}); "
+                  f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
+            study = _open_for_worker(session, spec, trial_trackers, worker, patience=RECONNECT_SECONDS)
+            if objective is not None and objective.current_trial is not None:
+                _retry_lost_trial(study, objective.current_trial, trial_trackers)
+            continue
         out_of_time = deadline is not None and time.time() >= deadline
         if _count_complete_or_pruned(study) == before and not out_of_time:
             failed = _count_failed(study) - failed_before
             print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
             return
+
+
+def _open_for_worker(session: Session, spec: StudySpec, trial_trackers, worker: int, patience: float = 0):
+    """The study, through a storage whose stale-trial callback also marks the trial's MLflow run;
+    with ``patience``, retried until the storage answers again or that many seconds pass."""
+    give_up = time.time() + patience
+    while True:
+        try:
+            return open_study(spec, open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial),
+                              worker=worker)
+        except (StorageError, *STORAGE_LOST):
+            if time.time() >= give_up:
+                raise
+            time.sleep(2)
+
+
+def _retry_lost_trial(study: optuna.Study, number: int, trial_trackers) -> None:
+    """The trial that was running when the storage went: FAIL it if it is still RUNNING, mark its run,
+    and queue its parameters again (it resumes from its checkpoint). A trial that was recorded as
+    COMPLETE or PRUNED before the loss is left as it is."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state in COMPLETE_OR_PRUNED or trial.state == TrialState.WAITING:
+        return
+    if any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False)):
+        return  # another worker queued it already
+    if trial.state == TrialState.RUNNING:
+        study.tell(number, state=TrialState.FAIL)
+    trial_trackers.stale_trial(study, trial, reason="the study storage was lost during this trial; it is retried")
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": number})
 
 
 def _count_complete_or_pruned(study: optuna.Study) -> int:

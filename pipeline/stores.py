@@ -84,7 +84,7 @@ def open_storage(url: str, *, on_stale_trial=None):
         raise StorageError(f"{redact(url)} is not a storage URL Optuna can open. Fix: use sqlite:///path.db, "
                            f"postgresql://user:password@host:port/db, or a journal file path (no ://).") from None
     except sqlalchemy.exc.OperationalError as error:  # refused, timed out, wrong password, no such database
-        reason = _hide_password(url, _first_line(error.orig or error))
+        reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
                            f"{_storage_fix(reason)}") from None
 
@@ -98,9 +98,15 @@ def _storage_fix(reason: str) -> str:
             "unset STORAGE / OPTUNA_STORAGE for the SQLite file under studies/).")
 
 
-def _first_line(error) -> str:
+def database_problem(url: str, error: Exception) -> str:
+    """What the database driver said, in one line, without the URL's password."""
+    return _hide_password(url, first_line(getattr(error, "orig", None) or error))
+
+
+def first_line(error) -> str:
+    """An error's first line (at most 300 characters), or its type's name when it has no text."""
     text = str(error).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
+    return text.splitlines()[0].strip()[:300] if text else type(error).__name__
 
 
 def _hide_password(url: str, text: str) -> str:

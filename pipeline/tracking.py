@@ -199,6 +199,10 @@ class NullTrialTracker:
     def failed(self, reason):
         pass
 
+    @staticmethod
+    def stale_trial(study, trial, reason=None):
+        pass
+
 
 @dataclass(frozen=True)
 class TrialTrackers:
@@ -212,6 +216,21 @@ class TrialTrackers:
     def __call__(self) -> TrialTracker:
         _configure_once()
         return TrialTracker(self.experiment_id, self.parent_run_id, self.tags)
+
+    def stale_trial(self, study, trial, reason: str | None = None) -> None:
+        """A trial another worker ran and lost (killed: no heartbeat; or its storage went away): mark
+        its MLflow run FAILED, so that no run stays RUNNING forever. Called by whichever worker fails it."""
+        import mlflow
+
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return
+        _configure_once()
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_tag(run_id, "fail_reason", reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
+        client.set_terminated(run_id, "FAILED")
 
 
 @functools.cache

@@ -201,3 +201,54 @@ def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(
     with pytest.raises(Exception):
         run_session(tuning, tracker)
     assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
+
+
+def promote_two_at_once(monkeypatch, accuracies=(0.90, 0.92), read_delays=(1.0, 0.2)):
+    """Two versions promoted from two threads at the same moment, as two sessions finishing together
+    would. Each thread's first read of the champion is answered late (the first thread's later), so
+    both decide on "no champion" and the worse one writes last. Returns the champion's version and
+    the versions in order of ``accuracies``."""
+    import threading
+    import time
+
+    import pipeline.registry as registry
+
+    client = mlflow.MlflowClient()
+    client.create_registered_model(REGISTERED_MODEL)
+    versions = []
+    for accuracy in accuracies:
+        run = client.create_run(client.create_experiment(f"promotion-{accuracy}"))
+        versions.append(client.create_model_version(REGISTERED_MODEL, source=f"runs:/{run.info.run_id}/model",
+                                                    run_id=run.info.run_id,
+                                                    tags={"val_accuracy": str(accuracy), "dataset": "custom",
+                                                          "dataset_checksum": "same"}))
+    real_read, delays, first_read = registry._champion, {}, set()
+
+    def late_first_read(client, name):
+        answer = real_read(client, name)
+        me = threading.current_thread().name
+        if me not in first_read:
+            first_read.add(me)
+            time.sleep(delays[me])
+        return answer
+
+    monkeypatch.setattr(registry, "_champion", late_first_read)
+    start, outcomes = threading.Barrier(len(versions)), {}
+
+    def promote(version, delay):
+        delays[threading.current_thread().name] = delay
+        start.wait()
+        outcomes[version.version] = registry.promote(version)
+
+    threads = [threading.Thread(target=promote, args=(v, d)) for v, d in zip(versions, read_delays)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version, versions, outcomes
+
+
+def test_two_promotions_at_once_leave_the_champion_on_the_better_version(tmp_path, monkeypatch):
+    champion, (worse, better), outcomes = promote_two_at_once(monkeypatch)
+    assert champion == better.version  # not the worse one, although it wrote the alias last
+    assert outcomes[better.version] == "promoted to champion" and outcomes[worse.version].startswith("challenger")
