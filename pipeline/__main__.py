@@ -323,6 +323,7 @@ def run_ui(args: argparse.Namespace) -> int:
     import os
 
     from pipeline.paths import MLRUNS_DIR
+    from pipeline.services import MLFLOW_SERVER_ENV
     from pipeline.stores import is_server, redact, tracking_uri
 
     uri = tracking_uri()
@@ -331,6 +332,7 @@ def run_ui(args: argparse.Namespace) -> int:
         return 0
     print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port}", flush=True)
     os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
+    os.environ.update(MLFLOW_SERVER_ENV)
     mlflow = Path(sys.executable).parent / "mlflow"
     os.execv(mlflow, [str(mlflow), "server",
                       "--default-artifact-root", str(MLRUNS_DIR / "artifacts"),  # for experiments made in the UI

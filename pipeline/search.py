@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import time
 import warnings
 from collections import Counter
@@ -36,8 +37,10 @@ COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Errors that end one trial as FAIL, with the reason, while the study goes on.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError, MemoryError)
 # The storage went away (a database restart, a network cut): the worker waits for it, then goes on.
-STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+# A query cut short leaves its session needing a rollback, which is what the next one raises.
+STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError)
 RECONNECT_SECONDS = 120
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -126,6 +129,7 @@ class Objective:
         epochs_run = resumed["epoch"] if resumed else 0
         with self.deferred():
             trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (--set may change it)
+            trial.set_user_attr("worker", WORKER_NAME)  # which machine and process: sessions may share a study
             tracker.start(trial.number, config, trial.params, self.run_tags)
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
             if resumed:
@@ -335,8 +339,11 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
                         gate.after_trial,
                     ],
                 )
-        except STORAGE_LOST as error:
-            print(f"worker {worker}: lost the study storage ({database_problem(session.storage, error)}); "
+        except Exception as error:
+            lost = _storage_loss(error)
+            if lost is None:
+                raise
+            print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
                   f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
             study = _open_for_worker(session, spec, trial_trackers, worker, patience=RECONNECT_SECONDS)
             if objective is not None and objective.current_trial is not None:
@@ -347,6 +354,16 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
             failed = _count_failed(study) - failed_before
             print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
             return
+
+
+def _storage_loss(error: BaseException | None) -> BaseException | None:
+    """The lost connection behind ``error``, raised as it is or wrapped (Optuna raises a
+    StorageInternalError from it); None when the error is something else."""
+    while error is not None:
+        if isinstance(error, STORAGE_LOST):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _open_for_worker(session: Session, spec: StudySpec, trial_trackers, worker: int, patience: float = 0):

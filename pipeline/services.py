@@ -28,6 +28,9 @@ from pipeline.paths import REPO_ROOT
 SERVICES_DIR_ENV = "SERVICES_DIR"
 DEFAULT_PG_PORT, DEFAULT_MLFLOW_PORT = 55432, 5050  # taken when free, else a free port
 DB_USER = "pipeline"
+# The server's background job runner (about ten worker processes, 250 MB each) serves GenAI
+# features this pipeline does not use; on a small machine it costs more than the runs it tracks.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SERVER_START_SECONDS = 180  # the first start creates MLflow's tables (about 20 s on 2 cores)
 
 
@@ -125,6 +128,10 @@ class Services:
                 if database not in existing:
                     connection.execute(f'CREATE DATABASE "{database}"')
 
+    def restart_postgres(self) -> None:
+        """A fast restart, with the options it was started with (the tests' database fault)."""
+        self.pg("pg_ctl", "restart", "-D", str(self.pgdata), "-m", "fast", "-w", "-l", str(self.root / "postgres.log"))
+
     def stop_postgres(self) -> None:
         if self.postgres_running():
             self.pg("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w")
@@ -154,7 +161,7 @@ class Services:
         artifacts = self.root / "mlflow-artifacts"
         artifacts.mkdir(exist_ok=True)
         env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow", state),  # not on argv: ps shows argv
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
+               "MLFLOW_DISABLE_TELEMETRY": "true", **MLFLOW_SERVER_ENV}
         env.pop("MLFLOW_TRACKING_URI", None)
         mlflow = Path(sys.executable).parent / "mlflow"
         with open(self.root / "mlflow.log", "ab") as log:
@@ -213,6 +220,7 @@ class Services:
         self.start_server(state, host)
         self.storage_url_file.write_text(self.database_url("optuna", state))
         self.storage_url_file.chmod(0o600)
+        _create_optuna_tables(self.database_url("optuna", state))
         return self.state()
 
     def stop(self) -> None:
@@ -227,6 +235,14 @@ class Services:
         server = "running" if self.server_pid() and self.server_healthy(state) else "stopped"
         return [f"PostgreSQL on 127.0.0.1:{state['pg_port']}: {postgres} (data in {self.pgdata})",
                 f"MLflow tracking server on {self.tracking_uri(state)}: {server} (log {self.root / 'mlflow.log'})"]
+
+
+def _create_optuna_tables(url: str) -> None:
+    """Optuna creates its tables on first use; two sessions starting at once on a new database would
+    race to do it. Do it here, once."""
+    from pipeline.stores import open_storage
+
+    open_storage(url).engine.dispose()
 
 
 def postgres_bin_dir() -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -75,7 +76,13 @@ def open_storage(url: str, *, on_stale_trial=None):
     import sqlalchemy.exc
 
     try:
-        return _rdb_storage(url, engine_kwargs, on_stale_trial)
+        try:
+            return _rdb_storage(url, engine_kwargs, on_stale_trial)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Two sessions opened a new database at once and raced to create Optuna's tables; the
+            # other one won, so the tables are there now.
+            time.sleep(1)
+            return _rdb_storage(url, engine_kwargs, on_stale_trial)
     except ImportError:  # SQLAlchemy found no driver for the URL's database
         raise StorageError(f"no database driver installed for {redact(url)}. Fix: `make install` (it installs "
                            f"psycopg2-binary for PostgreSQL); for another database install its SQLAlchemy driver "
@@ -153,6 +160,7 @@ def configure_mlflow() -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links, per call
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines between our progress lines
     uri = tracking_uri()
     if uri == DEFAULT_TRACKING_URI:

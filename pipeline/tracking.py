@@ -69,13 +69,17 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, params: dict | None = None) -> None:
-    """Metrics (and parameters) in one batched call: one call per metric costs about 8 ms on SQLite."""
+def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, params: dict | None = None,
+               synchronous: bool = True):
+    """Metrics (and parameters) in one batched call: one call per metric costs about 8 ms on SQLite.
+    With ``synchronous`` False, MLflow's async logging sends it from a background thread (returns
+    the operation to wait on)."""
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
-                     params=[Param(k, param_value(v)) for k, v in (params or {}).items()])
+    return client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
+                            params=[Param(k, param_value(v)) for k, v in (params or {}).items()],
+                            synchronous=synchronous)
 
 
 def log_confusion_matrix(client, run_id: str, matrix, title: str, stem: str) -> None:
@@ -119,6 +123,7 @@ class TrialTracker:
         self.tags = tags
         self.run_id: str | None = None
         self.seconds = 0.0  # spent in MLflow calls so far
+        self.pending_epochs = []  # epoch metrics MLflow still sends in the background
 
     @_timed
     def start(self, trial_number: int, config: TrainConfig, sampled: dict, tags: dict[str, str]) -> str:
@@ -140,8 +145,16 @@ class TrialTracker:
 
     @_timed
     def log_epoch(self, metrics: EpochMetrics) -> None:
-        log_values(self.client, self.run_id, {k: v for k, v in asdict(metrics).items() if k != "epoch"},
-                   step=metrics.epoch)
+        """Sent in the background: training goes on while a tracking server is slow or away (MLflow
+        retries for minutes); the trial's end waits for them, so its run is complete when it ends."""
+        self.pending_epochs.append(log_values(
+            self.client, self.run_id, {k: v for k, v in asdict(metrics).items() if k != "epoch"},
+            step=metrics.epoch, synchronous=False))
+
+    def _sent_epochs(self) -> None:
+        for operation in self.pending_epochs:
+            operation.wait()
+        self.pending_epochs.clear()
 
     @_timed
     def complete(self, result: TrainResult, splits: Splits, *, log_model: bool) -> str | None:
@@ -151,6 +164,7 @@ class TrialTracker:
         from pipeline.figures import learning_curves
         from pipeline.metrics import classification_metrics
 
+        self._sent_epochs()
         probabilities = predict_log_probs(result.model, splits.val_images).exp().cpu().numpy()
         validation = classification_metrics(splits.val_labels.cpu().numpy(), probabilities)
         log_values(self.client, self.run_id, {"best_val_accuracy": result.best_val_accuracy,
@@ -169,11 +183,16 @@ class TrialTracker:
 
     @_timed
     def pruned(self, epoch: int) -> None:
+        self._sent_epochs()
         self.client.set_tag(self.run_id, "pruned_at_epoch", str(epoch))
         self.client.set_terminated(self.run_id, "KILLED")
 
     @_timed
     def failed(self, reason: str) -> None:
+        try:
+            self._sent_epochs()
+        except Exception:  # the trial is failing already: its reason matters more than its last epochs
+            pass
         self.client.set_tag(self.run_id, "fail_reason", reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
 

@@ -37,10 +37,10 @@ def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return images.astype(np.uint8)
 
 
-def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0) -> Path:
+def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0, per_class_train: int = PER_CLASS_TRAIN) -> Path:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    train_labels = rng.permutation(np.repeat(np.arange(10), PER_CLASS_TRAIN))
+    train_labels = rng.permutation(np.repeat(np.arange(10), per_class_train))
     test_labels = rng.permutation(np.repeat(np.arange(10), PER_CLASS_TEST))
     contents = {
         "train-images-idx3-ubyte": idx_bytes(synthetic_images(train_labels, rng)),

@@ -1,0 +1,321 @@
+"""The multi-machine path, for real: `make services` (a throwaway PostgreSQL cluster and an MLflow
+tracking server with proxied artifacts, on loopback ports), sessions started separately as on
+separate machines, and the faults shared infrastructure brings. Each test gets its own PostgreSQL
+database; the tracking server is shared, so assertions look at the runs of their own study only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline.data import CUSTOM_ENV_VAR
+from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
+from pipeline.services import Services, postgres_bin_dir
+from pipeline.stores import open_storage
+from tests.conftest import free_port, write_dataset
+from tests.shrunk import LEARNS, settings
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+MIRRORED = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """`python -m pipeline services start` in a folder of its own, as `make services` runs it; stopped after."""
+    if postgres_bin_dir() is None and os.geteuid() != 0:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql) and we cannot install it")
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pipeline-services-", dir="/tmp"))  # reachable by the postgres user
+    root.chmod(0o755)
+    env = {**os.environ, "SERVICES_DIR": str(root)}
+    command = [sys.executable, "-m", "pipeline", "services"]
+    started = subprocess.run([*command, "start", "--pg-port", str(free_port()), "--mlflow-port", str(free_port())],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    running = Services(root)
+    yield running, started.stdout, env
+    subprocess.run([*command, "stop"], env=env, timeout=120)
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bigger_synthetic_dir(tmp_path_factory):
+    """10,000 synthetic training images: trials long enough (a few seconds) to be killed mid-way."""
+    return write_dataset(tmp_path_factory.mktemp("bigger-synthetic"), per_class_train=1000)
+
+
+def fresh_database(services: Services, name: str) -> str:
+    """A new PostgreSQL database on the cluster, for one test's studies; its URL (with the password)."""
+    import psycopg
+
+    with psycopg.connect(services.database_url("postgres"), autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return services.database_url(name)
+
+
+def user_env(services: Services, storage: str, data_dir: Path, **more) -> dict:
+    """The shell of a user who pasted `make services`' two exports (and uses the synthetic data)."""
+    return {**os.environ, "OPTUNA_STORAGE": storage, "MLFLOW_TRACKING_URI": services.tracking_uri(),
+            CUSTOM_ENV_VAR: str(data_dir), **more}
+
+
+def tune(study="mlp", *extra, epochs=2, **more) -> list[str]:
+    """`python -m pipeline tune` on the shrunk study, the storage and server coming from the environment."""
+    sets = [arg for key, value in settings(epochs, **more) for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "pipeline", "tune", "--study", study, "--device", "cpu", *sets, *extra]
+
+
+def start(command, env) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout=300) -> tuple[str, str]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out + err
+    assert "Traceback" not in err, err
+    return out, err
+
+
+def assert_runs_mirror_trials(study: optuna.Study) -> None:
+    """Every finished trial has its own MLflow run whose status mirrors the trial's; none is RUNNING."""
+    client = mlflow.MlflowClient()
+    trials = study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials if t.state in MIRRORED]
+    assert len(set(run_ids)) == len(run_ids)  # one run per trial
+    for trial in trials:
+        if trial.state in MIRRORED:
+            assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == MIRRORED[trial.state], trial.number
+
+
+def test_make_services_prints_two_exports_that_hide_the_password(services):
+    running, printed, env = services
+    password = running.state()["password"]
+    assert password not in printed
+    assert f'export OPTUNA_STORAGE="$(cat {running.storage_url_file})"' in printed
+    assert f"export MLFLOW_TRACKING_URI={running.tracking_uri()}" in printed
+    assert running.storage_url_file.read_text() == running.database_url("optuna")
+    assert oct(running.storage_url_file.stat().st_mode & 0o777) == "0o600"
+    status = subprocess.run([sys.executable, "-m", "pipeline", "services", "status"], capture_output=True, text=True,
+                            env=env, timeout=60).stdout
+    assert status.count(": running") == 2, status
+    # Both on loopback only.
+    from tests.test_cli import listening_addresses
+
+    state = running.state()
+    assert listening_addresses(state["pg_port"]) == {"0100007F"}
+    assert listening_addresses(state["mlflow_port"]) == {"0100007F"}
+
+
+def test_two_sessions_share_one_study_and_tracking_server_and_leak_no_password(services, synthetic_dir):
+    running, _, _ = services
+    storage = fresh_database(running, "two_sessions")
+    password = running.state()["password"]
+    env = user_env(running, storage, synthetic_dir)
+    seen_by_ps = []
+    sessions = [start(tune("mlp", "--trials", "8", "--json"), env) for _ in range(2)]
+    while any(s.poll() is None for s in sessions):
+        seen_by_ps.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+        time.sleep(1)
+    outputs = [finish(s) for s in sessions]
+
+    mlflow.set_tracking_uri(running.tracking_uri())
+    study = optuna.load_study(study_name="mlp", storage=open_storage(storage))
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # every number once
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) >= 8
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both sessions ran trials
+    assert_runs_mirror_trials(study)
+    client = mlflow.MlflowClient()
+    parents = {json.loads(out.strip().splitlines()[-1])["mlflow_parent_run_id"] for out, _ in outputs}
+    assert len(parents) == 2 and all(client.get_run(p).info.status == "FINISHED" for p in parents)
+    parent_of = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in trials
+                 if "mlflow_run_id" in t.user_attrs}
+    assert parent_of == parents  # each session's trials under its own parent run
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    same_data = [v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+                 if v.tags.get("dataset_checksum") == champion.tags.get("dataset_checksum")]
+    assert val_accuracy_of(champion) == max(val_accuracy_of(v) for v in same_data)
+
+    # An outside client scores the champion through the server's proxied artifacts.
+    evaluated = subprocess.run([sys.executable, "-m", "pipeline", "evaluate-best", "--json", "--reports-dir",
+                                str(running.root / "reports")], capture_output=True, text=True, env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert 0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])["test_accuracy"] <= 1
+
+    # The password is nowhere: terminal output, ps, the summaries, Optuna's attributes, MLflow's
+    # parameters and tags, the services' logs.
+    places = {"terminal": "".join(out + err for out, err in outputs) + evaluated.stdout + evaluated.stderr,
+              "ps": "".join(seen_by_ps),
+              "optuna": repr([(study.user_attrs, study_system_attrs(storage, "mlp"))] +
+                             [(t.user_attrs, t.system_attrs, t.params) for t in trials])}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            places[f"run {run.info.run_id}"] = repr((run.data.params, run.data.tags))
+    places["registry"] = repr([v.tags for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")])
+    for log in ("mlflow.log", "postgres.log"):
+        places[log] = (running.root / log).read_text(errors="replace")
+    assert "optuna_storage" in repr(places) and ":***@" in repr(places)  # the storage is named, masked
+    assert [where for where, text in places.items() if password in text] == []
+
+
+def study_system_attrs(storage: str, name: str) -> dict:
+    backend = optuna.storages.RDBStorage(storage)
+    return backend.get_study_system_attrs(backend.get_study_id_from_name(name))
+
+
+def running_trial_of(study: optuna.Study, pid: int, min_epochs: int):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker", "").endswith(f":{pid}") and len(trial.intermediate_values) >= min_epochs:
+            return trial
+    return None
+
+
+def test_a_worker_killed_mid_trial_leaves_nothing_running_and_its_trial_resumes_elsewhere(
+        services, bigger_synthetic_dir):
+    running, _, _ = services
+    storage = fresh_database(running, "killed_worker")
+    # Heartbeats every second (stale after 3 s), so the test need not wait 30 s.
+    env = user_env(running, storage, bigger_synthetic_dir, OPTUNA_HEARTBEAT_SECONDS="1")
+    study = optuna.create_study(study_name="mlp", storage=open_storage(storage), direction="maximize")
+    for _ in range(3):
+        study.enqueue_trial(LEARNS)  # good trials: the pruner has no reason to stop them
+    victim = start(tune("mlp", "--trials", "4", epochs=10), env)
+    deadline, target = time.time() + 120, None
+    while target is None and time.time() < deadline and victim.poll() is None:
+        target = running_trial_of(study, victim.pid, min_epochs=3)
+        time.sleep(0.1)
+    assert target is not None, "the victim never ran a trial for 3 epochs"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    survivor = start(tune("mlp", "--trials", "4", epochs=10), env)
+    finish(survivor)
+
+    mlflow.set_tracking_uri(running.tracking_uri())
+    killed = study.get_trials(deepcopy=False)[target.number]
+    assert killed.state == TrialState.FAIL
+    killed_run = mlflow.MlflowClient().get_run(killed.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["fail_reason"]
+    retries = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == target.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    resumed_epoch = int(retries[0].user_attrs["resumed_from"].rsplit(" ", 1)[1])
+    assert resumed_epoch >= 3  # from its checkpoint, not epoch 1
+    assert retries[0].user_attrs["resumed_from"].startswith(f"trial-{target.number},")
+    assert len(retries[0].intermediate_values) == 10  # the earlier epochs reported again, then the rest
+    assert_runs_mirror_trials(study)
+
+
+def test_workers_ride_out_a_postgresql_restart(services, bigger_synthetic_dir):
+    running, _, _ = services
+    storage = fresh_database(running, "restart")
+    env = user_env(running, storage, bigger_synthetic_dir)
+    study = optuna.create_study(study_name="mlp", storage=open_storage(storage), direction="maximize")
+    for _ in range(4):
+        study.enqueue_trial(LEARNS)
+    session = start(tune("mlp", "--trials", "4", "--workers", "2", epochs=6), env)
+    deadline = time.time() + 120
+    while len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # mid-epoch, mid-report: whatever the workers are doing
+    running.restart_postgres()
+    out, err = finish(session)
+
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) >= 4
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert len(failed) <= 2  # at most the trials being recorded at that moment
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    assert all(t.number in retried for t in failed)
+    assert (out + err).count("lost the study storage") <= 2  # one line per worker at most, no storm
+    mlflow.set_tracking_uri(running.tracking_uri())
+    assert_runs_mirror_trials(study)
+
+
+def test_a_study_outlives_a_tracking_server_that_stops_for_30_seconds(services, bigger_synthetic_dir):
+    running, _, _ = services
+    storage = fresh_database(running, "server_down")
+    # MLflow's client retries with backoff; factor 1 (sleeps of 1, 2, 4 ... 64 s) still spans the 30 s.
+    env = user_env(running, storage, bigger_synthetic_dir, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    study = optuna.create_study(study_name="mlp", storage=open_storage(storage), direction="maximize")
+    for _ in range(2):
+        study.enqueue_trial(LEARNS)
+    session = start(tune("mlp", "--trials", "2", epochs=30), env)
+    deadline = time.time() + 120
+
+    def epochs_reported():
+        return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
+
+    while epochs_reported() < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    running.stop_server()
+    before = epochs_reported()
+    time.sleep(30)
+    during = epochs_reported() - before
+    running.start_server(running.state(), "127.0.0.1")
+    finish(session, timeout=600)
+
+    assert during >= 5  # training went on while the server was away
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= 2
+    mlflow.set_tracking_uri(running.tracking_uri())
+    assert_runs_mirror_trials(study)  # the records were written when the server came back
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        history = mlflow.MlflowClient().get_metric_history(trial.user_attrs["mlflow_run_id"], "val_accuracy")
+        assert len(history) == len(trial.intermediate_values)  # no epoch's metrics lost
+
+
+def test_a_wrong_password_or_a_stopped_server_is_one_line_within_seconds(services, synthetic_dir):
+    running, _, _ = services
+    state = running.state()
+    wrong = f"postgresql://pipeline:not-the-password@127.0.0.1:{state['pg_port']}/optuna"
+    cases = [
+        ({"OPTUNA_STORAGE": wrong}, "password authentication failed"),
+        ({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}, "cannot reach the MLflow tracking server"),
+    ]
+    for change, says in cases:
+        env = {**user_env(running, running.database_url("optuna"), synthetic_dir), **change}
+        started = time.time()
+        done = subprocess.run(tune("mlp", "--trials", "1"), capture_output=True, text=True, env=env, timeout=60)
+        assert time.time() - started < 10 + 8  # 10 s for the check, plus Python's start-up
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1 and says in errors[0] and "Fix:" in errors[0], done.stderr
+        assert "not-the-password" not in done.stdout + done.stderr
+
+
+def test_the_dashboard_serves_a_postgresql_study_without_showing_the_password(services, synthetic_dir):
+    running, _, _ = services
+    storage = fresh_database(running, "dashboard")
+    optuna.create_study(study_name="on-postgres", storage=storage)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "dashboard", "--port", str(port)],
+                               env=user_env(running, storage, synthetic_dir), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, listed = time.time() + 60, b""
+        while time.time() < deadline and not listed:
+            try:
+                listed = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read()
+            except OSError:
+                time.sleep(0.3)
+        assert b"on-postgres" in listed
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert running.state()["password"] not in ps
+    finally:
+        process.terminate()
+        out = process.communicate(timeout=30)[0]
+    assert running.state()["password"] not in out and ":***@" in out
