@@ -240,10 +240,14 @@ def run_tune(args: argparse.Namespace) -> int:
     settings = parse_overrides(args.overrides)
     spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
     if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        raise ConfigError(f"--workers (WORKERS) must be at least 1, got {args.workers}")
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials (TRIALS) must be at least 1, got {args.trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout (TIMEOUT) must be a positive number of seconds, got {args.timeout:g}")
     session = Session(
         study_file=str(spec.path), storage=storage_url(args.storage),
-        target_trials=args.trials or spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
+        target_trials=args.trials if args.trials is not None else spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
         workers=args.workers, device=args.device, settings=tuple(settings.items()),
     )
     budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"

@@ -1,0 +1,107 @@
+"""Bad input a user can type or have lying around, through the command line as they would meet it:
+one line naming the problem and the fix, no traceback, nothing created. docs/bad-input.md lists
+every case with the test that backs it; this module holds the ones no other module needs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from pipeline.__main__ import main
+from tests.conftest import idx_bytes, write_dataset
+from tests.shrunk import session
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    """The CLI in this process (fast: no interpreter start-up); returns its exit code and stderr."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # argparse's own errors, and ConfigError through parser.exit
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(stderr: str) -> str:
+    # Left out: argparse's usage lines, and the note naming a custom dataset.
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("usage:", "  ", "note:"))]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--trials", "0"], "--trials (TRIALS) must be at least 1, got 0"),
+    (["--trials", "many"], "argument --trials: invalid int value: 'many'"),
+    (["--timeout", "-5"], "--timeout (TIMEOUT) must be a positive number of seconds, got -5"),
+    (["--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
+    (["--workers", "0"], "--workers (WORKERS) must be at least 1, got 0"),
+    (["--set", "nope=1"], "nope"),
+    (["--set", "lr=0.1"], "'lr' is searched by study mlp"),
+    (["--set", "epochs=0"], "epochs"),
+    (["--set", "epochs"], "--set expects KEY=VALUE"),
+])
+def test_a_bad_tune_value_is_one_line_before_anything_runs(tmp_path, capsys, argv, says):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    code, stderr = run_main(capsys, "tune", "--storage", storage, *argv)
+    assert code == 2 and says in one_error_line(stderr)
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_study_file_that_is_not_toml_is_one_line_with_its_path(tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text('description = "unterminated\n')
+    code, stderr = run_main(capsys, "tune", "--study", str(broken), "--storage", f"sqlite:///{tmp_path / 'o.db'}")
+    assert code == 1 and one_error_line(stderr).startswith(f"error: {broken}: not valid TOML")
+
+
+def test_a_missing_study_file_is_one_line_listing_the_studies_there_are(tmp_path, capsys):
+    code, stderr = run_main(capsys, "tune", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'o.db'}")
+    assert code == 1 and "no such study file (studies here: " in one_error_line(stderr) and "mlp" in stderr
+
+
+def rewrite(folder, name, content: bytes) -> None:
+    (folder / f"{name}.gz").unlink()
+    (folder / name).write_bytes(content)
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("magic", "are not valid IDX files"),
+    ("counts", "images for"),
+])
+def test_a_damaged_custom_dataset_is_one_line_naming_it(tmp_path, capsys, monkeypatch, damage, says):
+    import numpy as np
+
+    folder = write_dataset(tmp_path / "damaged")
+    if damage == "magic":  # an IDX file starts 0, 0, 8 (unsigned bytes): here 0, 0, 9
+        rewrite(folder, "train-labels-idx1-ubyte", bytes([0, 0, 9, 1]) + (600).to_bytes(4, "big") + bytes(600))
+    else:  # 599 labels for 600 images
+        rewrite(folder, "train-labels-idx1-ubyte", idx_bytes(np.zeros(599, dtype=np.uint8)))
+    monkeypatch.setenv("FASHION_MNIST_CUSTOM_DIR", str(folder))
+    code, stderr = run_main(capsys, "train", "--epochs", "1")
+    assert code == 1 and says in one_error_line(stderr)
+
+
+def test_an_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path, synthetic_env, monkeypatch):
+    import pipeline.search as search
+
+    real_train, calls = search.train, []
+
+    def out_of_memory_once(config, *args, **kwargs):
+        calls.append(config)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(search, "train", out_of_memory_once)
+    summary = search.run_session(session(tmp_path, trials=2, epochs=1))
+    states = summary["states"]
+    assert states["FAIL"] == 1 and states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
+    import optuna
+
+    failed = optuna.load_study(study_name="mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials(
+        states=(TrialState.FAIL,))
+    assert failed[0].user_attrs["fail_reason"].startswith("out of memory (CUDA out of memory. Tried to allocate")
+    assert "lower batch_size" in failed[0].user_attrs["fail_reason"]
+    assert len(calls) == 3  # the study went on to its two finished trials
