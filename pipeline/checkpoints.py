@@ -4,13 +4,16 @@ stopped instead of at epoch 1 (the pattern of Optuna's pytorch_checkpoint exampl
 A trial writes <folder>/<study>/trial-<number>.pt after every epoch. A trial that re-runs another
 one's parameters (a Ctrl-C re-queue names it in the user attribute `retry_of`; Optuna's heartbeat
 retry in the system attribute `retry_history`) starts from the newest checkpoint among those
-trials. The files go when the trial ends for good (complete, pruned, diverged); they stay when it
+trials whose identity (the trial's parameters, its full config, the device type) matches its own:
+a file left by a study of the same name in another storage, or by a run with other settings, is
+never picked up. The files go when the trial ends for good (complete, pruned, diverged); they stay when it
 may be run again (interrupted, killed, its storage lost). The folder is studies/checkpoints/ by
 default; set $CHECKPOINT_DIR to a shared one so that a trial killed on one machine resumes on another.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,23 +31,27 @@ def checkpoint_dir() -> Path:
 class TrialCheckpoint:
     """One trial's checkpoint file, and the earlier trial's it may resume from."""
 
-    def __init__(self, path: Path, resume_candidates: list[Path]):
+    def __init__(self, path: Path, resume_candidates: list[Path], identity: str = ""):
         self.path = path
         self.resume_candidates = resume_candidates  # newest first
+        self.identity = identity  # what must match for a file to be resumed from
         self.resumed_from: Path | None = None
 
     @classmethod
-    def for_trial(cls, study_name: str, trial_number: int, earlier_trials: list[int]) -> TrialCheckpoint:
+    def for_trial(cls, study_name: str, trial_number: int, earlier_trials: list[int], identity: dict) -> TrialCheckpoint:
         folder = checkpoint_dir() / study_name
-        return cls(folder / f"trial-{trial_number}.pt", [folder / f"trial-{n}.pt" for n in reversed(earlier_trials)])
+        return cls(folder / f"trial-{trial_number}.pt", [folder / f"trial-{n}.pt" for n in reversed(earlier_trials)],
+                   json.dumps(identity, sort_keys=True, default=str))
 
     def load(self) -> dict | None:
         """The newest state an earlier run of these parameters left, or None to start at epoch 1."""
-        for path in [self.path, *self.resume_candidates]:
+        for path in self.resume_candidates:
             if path.exists():
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=True)
                 except Exception:  # a file cut short when its writer was killed: start over
+                    continue
+                if state.get("identity") != self.identity:
                     continue
                 self.resumed_from = path
                 return state
@@ -54,7 +61,7 @@ class TrialCheckpoint:
         """Write atomically: a worker killed mid-write leaves the previous epoch's file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
+        torch.save({**state, "identity": self.identity}, partial)
         os.replace(partial, self.path)
 
     def remove(self) -> None:

@@ -52,28 +52,33 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
 
     Two sessions may promote at the same moment, each deciding on the champion it read before the
     other wrote. So after writing, the alias is read again and settled on the best version trained
-    on the same data, until it holds still: the last writer always sees every version registered
-    before it, so ``champion`` ends on the best one, never on a worse one."""
+    on the same data among those registered since that champion, until it holds still: the last
+    writer sees every version registered before it, so ``champion`` ends on the best one, never on
+    a worse one. Versions older than the champion read first are left out: a champion someone set
+    back by hand stays where they put it."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    champion = _champion(client, name)
+    champion = first_read = _champion(client, name)
     if champion is not None and champion.version == version.version:
         return "already champion"
     if _beats(version, champion):
         client.set_registered_model_alias(name, CHAMPION, version.version)
+    newer = 0 if first_read is None else int(first_read.version)
     for _ in range(10):
         champion = _champion(client, name)
-        peers = client.search_model_versions(f"name='{name}'")
-        best = max((v for v in peers if _same_data(v, version) and val_accuracy_of(v) is not None),
-                   key=lambda v: (val_accuracy_of(v), -int(v.version)), default=version)
+        peers = [v for v in client.search_model_versions(f"name='{name}'")
+                 if int(v.version) > newer and _same_data(v, version) and val_accuracy_of(v) is not None]
+        best = max(peers, key=lambda v: (val_accuracy_of(v), -int(v.version)), default=version)
         if champion is not None and (champion.version == best.version or not _beats(best, champion)):
             break
         client.set_registered_model_alias(name, CHAMPION, best.version)
     if champion is not None and champion.version == version.version:
         return "promoted to champion"
     client.set_registered_model_alias(name, CHALLENGER, version.version)
-    if champion is not None and not _same_data(champion, version):
+    if champion is None:
+        return "challenger"
+    if not _same_data(champion, version):
         return f"challenger (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
     return f"challenger (champion v{champion.version} has {val_accuracy_of(champion):.2%})"
 

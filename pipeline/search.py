@@ -40,6 +40,7 @@ TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError, MemoryError)
 # A query cut short leaves its session needing a rollback, which is what the next one raises.
 STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError)
 RECONNECT_SECONDS = 120
+MAX_STORAGE_LOSSES = 3  # in a row, with no session round finished between them: not a blip, give up
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -124,7 +125,7 @@ class Objective:
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
         tracker = self.new_tracker()
-        checkpoint = self.checkpoint_for(trial)
+        checkpoint = self.checkpoint_for(trial, config)
         resumed = checkpoint.load()
         epochs_run = resumed["epoch"] if resumed else 0
         with self.deferred():
@@ -194,10 +195,11 @@ class Objective:
         checkpoint.remove()
         return result.best_val_accuracy
 
-    def checkpoint_for(self, trial: optuna.Trial):
+    def checkpoint_for(self, trial: optuna.Trial, config):
         if not self.checkpoints:
             return NoCheckpoint()
-        return TrialCheckpoint.for_trial(self.spec.name, trial.number, earlier_runs(trial))
+        identity = {"params": trial.params, "config": config.to_dict(), "device": self.device.type}
+        return TrialCheckpoint.for_trial(self.spec.name, trial.number, earlier_runs(trial), identity)
 
 
 def earlier_runs(trial: optuna.Trial) -> list[int]:
@@ -311,6 +313,7 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
     objective = None
     deadline = None if session.timeout is None else started + session.timeout
     gate = InterruptGate()
+    losses_in_a_row = 0
     while True:
         try:
             # Failed trials do not count towards the target, so go round until enough have finished.
@@ -341,7 +344,8 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
                 )
         except Exception as error:
             lost = _storage_loss(error)
-            if lost is None:
+            losses_in_a_row += 1
+            if lost is None or losses_in_a_row > MAX_STORAGE_LOSSES:
                 raise
             print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
                   f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
@@ -349,6 +353,7 @@ def _work(session: Session, trial_trackers, *, worker: int, started: float) -> N
             if objective is not None and objective.current_trial is not None:
                 _retry_lost_trial(study, objective.current_trial, trial_trackers)
             continue
+        losses_in_a_row = 0
         out_of_time = deadline is not None and time.time() >= deadline
         if _count_complete_or_pruned(study) == before and not out_of_time:
             failed = _count_failed(study) - failed_before
@@ -374,23 +379,30 @@ def _open_for_worker(session: Session, spec: StudySpec, trial_trackers, worker: 
         try:
             return open_study(spec, open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial),
                               worker=worker)
-        except (StorageError, *STORAGE_LOST):
-            if time.time() >= give_up:
+        except Exception as error:
+            if not (isinstance(error, StorageError) or _storage_loss(error)) or time.time() >= give_up:
                 raise
             time.sleep(2)
 
 
 def _retry_lost_trial(study: optuna.Study, number: int, trial_trackers) -> None:
     """The trial that was running when the storage went: FAIL it if it is still RUNNING, mark its run,
-    and queue its parameters again (it resumes from its checkpoint). A trial that was recorded as
-    COMPLETE or PRUNED before the loss is left as it is."""
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if trial is None or trial.state in COMPLETE_OR_PRUNED or trial.state == TrialState.WAITING:
+    and queue its parameters again (it resumes from its checkpoint). Left alone: a trial recorded
+    before the loss (COMPLETE, PRUNED, or FAIL with its own reason), and one already re-queued (by
+    another worker, or by Optuna's heartbeat retry)."""
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None or trial.state not in (TrialState.RUNNING, TrialState.FAIL):
         return
-    if any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False)):
-        return  # another worker queued it already
+    if "fail_reason" in trial.user_attrs or trial.user_attrs.get("interrupted"):
+        return  # diverged, out of memory or Ctrl-C: it ended for its own reason
+    if any(t.user_attrs.get("retry_of") == number or t.system_attrs.get("failed_trial") == number for t in trials):
+        return
     if trial.state == TrialState.RUNNING:
-        study.tell(number, state=TrialState.FAIL)
+        try:
+            study.tell(number, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # another worker found it stale and failed it first; Optuna re-queues it
     trial_trackers.stale_trial(study, trial, reason="the study storage was lost during this trial; it is retried")
     study.enqueue_trial(trial.params, user_attrs={"retry_of": number})
 

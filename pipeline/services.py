@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -65,8 +66,7 @@ class Services:
             return {}
 
     def save_state(self, state: dict) -> None:
-        self.state_file.write_text(json.dumps(state, indent=2))
-        self.state_file.chmod(0o600)  # it holds the database password
+        write_private(self.state_file, json.dumps(state, indent=2))  # it holds the database password
 
     def database_url(self, database: str, state: dict | None = None) -> str:
         state = state or self.state()
@@ -95,14 +95,14 @@ class Services:
         log.touch()
         if os.geteuid() == 0:
             shutil.chown(log, "postgres", "postgres")  # the server writes it as the postgres user
-        options = f"-c listen_addresses={host} -p {state['pg_port']} -k {self.pgdata}"
+        options = f"-c listen_addresses={host} -p {state['pg_port']} -k {shlex.quote(str(self.pgdata))}"
         self.pg("pg_ctl", "start", "-D", str(self.pgdata), "-l", str(log), "-w", "-t", "60", "-o", options)
         self._create_databases(state)
 
     def _initdb(self, password: str, host: str) -> None:
         self.pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
         password_file = self.root / "initdb-password"
-        password_file.write_text(password)
+        write_private(password_file, password)
         try:
             if os.geteuid() == 0:
                 for path in (self.pgdata, password_file):
@@ -128,9 +128,12 @@ class Services:
                 if database not in existing:
                     connection.execute(f'CREATE DATABASE "{database}"')
 
-    def restart_postgres(self) -> None:
-        """A fast restart, with the options it was started with (the tests' database fault)."""
-        self.pg("pg_ctl", "restart", "-D", str(self.pgdata), "-m", "fast", "-w", "-l", str(self.root / "postgres.log"))
+    def restart_postgres(self, pause: float = 0) -> None:
+        """A fast restart with the options it was started with, ``pause`` seconds down (the tests'
+        database fault)."""
+        self.pg("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w")
+        time.sleep(pause)
+        self.start_postgres(self.state(), self.state().get("host", "127.0.0.1"))
 
     def stop_postgres(self) -> None:
         if self.postgres_running():
@@ -139,14 +142,14 @@ class Services:
     # MLflow tracking server -------------------------------------------------------------------
 
     def server_pid(self) -> int | None:
+        """The recorded server's process id, if that process still runs and is an MLflow server (a
+        process id can be reused by an unrelated process after a reboot)."""
         pid = self.state().get("mlflow_pid")
-        if pid is None:
-            return None
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, TypeError):
             return None
-        return pid
+        return pid if b"mlflow" in command_line and b"server" in command_line else None
 
     def server_healthy(self, state: dict | None = None) -> bool:
         try:
@@ -188,7 +191,7 @@ class Services:
             return
         try:
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             return
         for _ in range(100):
             if self.server_pid() is None:
@@ -198,7 +201,10 @@ class Services:
             except ChildProcessError:
                 pass
             time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     # Both -------------------------------------------------------------------------------------
 
@@ -210,6 +216,11 @@ class Services:
             self.root.chmod(0o755)  # the postgres user must reach the cluster folder inside
         state = self.state()
         state.setdefault("password", secrets.token_urlsafe(18))
+        for running, asked, key in ((self.postgres_running(), pg_port, "pg_port"),
+                                    (self.server_pid() is not None, mlflow_port, "mlflow_port")):
+            if running and asked and asked != state.get(key):
+                raise ServicesError(f"the services already run ({key.replace('_', ' ')} {state.get(key)}). "
+                                    f"Fix: make services-stop first, then start them on the new port.")
         if pg_port or not self.postgres_running():
             state["pg_port"] = pg_port or state.get("pg_port") or free_port(DEFAULT_PG_PORT)
         if mlflow_port or not self.server_pid():
@@ -218,8 +229,7 @@ class Services:
         self.save_state(state)
         self.start_postgres(state, host)
         self.start_server(state, host)
-        self.storage_url_file.write_text(self.database_url("optuna", state))
-        self.storage_url_file.chmod(0o600)
+        write_private(self.storage_url_file, self.database_url("optuna", state))
         _create_optuna_tables(self.database_url("optuna", state))
         return self.state()
 
@@ -235,6 +245,14 @@ class Services:
         server = "running" if self.server_pid() and self.server_healthy(state) else "stopped"
         return [f"PostgreSQL on 127.0.0.1:{state['pg_port']}: {postgres} (data in {self.pgdata})",
                 f"MLflow tracking server on {self.tracking_uri(state)}: {server} (log {self.root / 'mlflow.log'})"]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, from its first byte (it holds a password)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its mode otherwise
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def _create_optuna_tables(url: str) -> None:

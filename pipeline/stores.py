@@ -42,8 +42,10 @@ def is_server(uri: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by ***, for anything printed or logged."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    """The URL with its password replaced by ***, for anything printed or logged: the one after
+    `user:` (up to the last @ before the host; a password may hold a /) and a `password=` query."""
+    url = re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^@]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def heartbeat_seconds() -> int:
@@ -72,7 +74,10 @@ def open_storage(url: str, *, on_stale_trial=None):
         # pre-ping: a connection the server dropped (idle timeout, restart) is replaced, not used and failed.
         engine_kwargs = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
-            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+            # TCP keepalives: a query on a connection whose network went away fails in about a
+            # minute instead of hanging for the kernel's default of hours.
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "keepalives": 1,
+                                             "keepalives_idle": 20, "keepalives_interval": 10, "keepalives_count": 3}
     import sqlalchemy.exc
 
     try:
@@ -85,12 +90,13 @@ def open_storage(url: str, *, on_stale_trial=None):
             return _rdb_storage(url, engine_kwargs, on_stale_trial)
     except ImportError:  # SQLAlchemy found no driver for the URL's database
         raise StorageError(f"no database driver installed for {redact(url)}. Fix: `make install` (it installs "
-                           f"psycopg2-binary for PostgreSQL); for another database install its SQLAlchemy driver "
+                           f"psycopg 3 for PostgreSQL); for another database install its SQLAlchemy driver "
                            f"into .venv, or use the default SQLite storage (unset STORAGE / OPTUNA_STORAGE).") from None
     except sqlalchemy.exc.ArgumentError:  # an unknown scheme, or a URL SQLAlchemy cannot parse
         raise StorageError(f"{redact(url)} is not a storage URL Optuna can open. Fix: use sqlite:///path.db, "
                            f"postgresql://user:password@host:port/db, or a journal file path (no ://).") from None
-    except sqlalchemy.exc.OperationalError as error:  # refused, timed out, wrong password, no such database
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as error:
+        # refused, timed out, wrong password, no such database, no right to create Optuna's tables
         reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
                            f"{_storage_fix(reason)}") from None
@@ -101,6 +107,8 @@ def _storage_fix(reason: str) -> str:
         return "correct the user and password in STORAGE / OPTUNA_STORAGE."
     if "does not exist" in reason:
         return "create the database (createdb NAME), or name one that exists."
+    if "permission denied" in reason:
+        return "let the user create tables in the database (GRANT CREATE ON SCHEMA public TO user), or use its owner."
     return ("start the database, or correct the host and port (`make services` starts a local PostgreSQL; "
             "unset STORAGE / OPTUNA_STORAGE for the SQLite file under studies/).")
 

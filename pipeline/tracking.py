@@ -244,12 +244,16 @@ class TrialTrackers:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if not run_id:
             return
-        _configure_once()
-        client = mlflow.MlflowClient()
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
-        client.set_tag(run_id, "fail_reason", reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
-        client.set_terminated(run_id, "FAILED")
+        try:
+            _configure_once()
+            client = mlflow.MlflowClient()
+            if client.get_run(run_id).info.status != "RUNNING":
+                return
+            client.set_tag(run_id, "fail_reason",
+                           reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
+            client.set_terminated(run_id, "FAILED")
+        except Exception as error:  # the tracking store is away: Optuna's retry of the trial must still happen
+            print(f"could not mark MLflow run {run_id} of trial {trial.number} FAILED: {error}", flush=True)
 
 
 @functools.cache

@@ -105,3 +105,16 @@ def test_an_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path, synt
     assert failed[0].user_attrs["fail_reason"].startswith("out of memory (CUDA out of memory. Tried to allocate")
     assert "lower batch_size" in failed[0].user_attrs["fail_reason"]
     assert len(calls) == 3  # the study went on to its two finished trials
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://user:s3cret@db/optuna", "postgresql://user:***@db/optuna"),
+    ("postgresql://user:s3/cr3t@db:5432/optuna", "postgresql://user:***@db:5432/optuna"),  # a / in it
+    ("postgresql://user@db/optuna?sslmode=require&password=s3cret", "postgresql://user@db/optuna?sslmode=require&password=***"),
+    ("https://user:s3cret@mlflow.example/", "https://user:***@mlflow.example/"),
+    ("sqlite:///studies/a@b.db", "sqlite:///studies/a@b.db"),  # no password, nothing to hide
+])
+def test_every_form_of_password_in_a_url_is_masked(url, shown):
+    from pipeline.stores import redact
+
+    assert redact(url) == shown

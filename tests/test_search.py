@@ -242,13 +242,13 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
     process.wait()
     (orphan,) = trials_now(tmp_path, (TrialState.RUNNING,))
 
-    import pipeline.stores as stores
-    monkeypatch.setattr(stores, "GRACE_SECONDS", 1)  # instead of waiting out the real grace period
-    time.sleep(stores.GRACE_SECONDS + 1)
-    run_session(session(tmp_path, trials=3, epochs=150))
+    monkeypatch.setenv("OPTUNA_HEARTBEAT_SECONDS", "1")  # stale after 3 s, instead of the real 30
+    time.sleep(4)
+    run_session(session(tmp_path, trials=1, epochs=150))  # the retry is queued first: it is the one
 
     trials = trials_now(tmp_path)
     assert trials[orphan.number].state == TrialState.FAIL
     retried = [t for t in trials
                if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
     assert retried and retried[0].params == orphan.params and retried[0].state in COMPLETE_OR_PRUNED
+    assert retried[0].user_attrs["resumed_from"].startswith(f"trial-{orphan.number}, epoch ")  # not from epoch 1

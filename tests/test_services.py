@@ -93,15 +93,18 @@ def finish(process: subprocess.Popen, timeout=300) -> tuple[str, str]:
 
 
 def assert_runs_mirror_trials(study: optuna.Study) -> None:
-    """Every finished trial has its own MLflow run whose status mirrors the trial's; none is RUNNING."""
+    """Every finished trial has its own MLflow run whose status mirrors the trial's; none is RUNNING.
+    (A trial that failed before it trained, as the storage went while Optuna was starting it, has no run.)"""
     client = mlflow.MlflowClient()
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
-    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials if t.state in MIRRORED]
+    tracked = [t for t in trials if t.state in MIRRORED and not (t.state == TrialState.FAIL and
+                                                                 "mlflow_run_id" not in t.user_attrs)]
+    assert all(t.intermediate_values == {} for t in trials if t.state in MIRRORED and t not in tracked)
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in tracked]
     assert len(set(run_ids)) == len(run_ids)  # one run per trial
-    for trial in trials:
-        if trial.state in MIRRORED:
-            assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == MIRRORED[trial.state], trial.number
+    for trial in tracked:
+        assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == MIRRORED[trial.state], trial.number
 
 
 def test_make_services_prints_two_exports_that_hide_the_password(services):
@@ -233,16 +236,19 @@ def test_workers_ride_out_a_postgresql_restart(services, bigger_synthetic_dir):
     while len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < 2 and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.5)  # mid-epoch, mid-report: whatever the workers are doing
-    running.restart_postgres()
+    running.restart_postgres(pause=5)  # down long enough for both workers to need it (each epoch reports)
     out, err = finish(session)
 
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) >= 4
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    assert len(failed) <= 2  # at most the trials being recorded at that moment
-    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
-    assert all(t.number in retried for t in failed)
-    assert (out + err).count("lost the study storage") <= 2  # one line per worker at most, no storm
+    assert 1 <= len(failed) <= 2  # the trials being recorded at that moment, one per worker at most
+    retries = {t.user_attrs.get("retry_of"): t for t in study.get_trials(deepcopy=False)}
+    assert all(t.number in retries for t in failed)  # each one run again, ...
+    trained = [t for t in failed if t.intermediate_values]
+    assert not trained or any("resumed_from" in retries[t.number].user_attrs for t in trained)  # ... from its checkpoint
+    lost = (out + err).count("lost the study storage")
+    assert 1 <= lost <= 2 and "Traceback" not in out + err  # one line per worker at most, no storm
     mlflow.set_tracking_uri(running.tracking_uri())
     assert_runs_mirror_trials(study)
 

@@ -179,3 +179,14 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthet
     assert (resumed.best_val_accuracy, resumed.best_epoch) == (whole.best_val_accuracy, whole.best_epoch)
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_only_a_checkpoint_of_the_same_parameters_and_settings_is_resumed(tmp_path):
+    from pipeline.checkpoints import TrialCheckpoint
+
+    TrialCheckpoint(tmp_path / "trial-3.pt", [], identity="lr=0.01").save({"epoch": 2})
+    # Trial 3 of a study of the same name elsewhere, or run with other settings: not these weights.
+    assert TrialCheckpoint(tmp_path / "trial-5.pt", [tmp_path / "trial-3.pt"], identity="lr=0.1").load() is None
+    # A trial's own number never resumes: a new study reusing the number starts at epoch 1.
+    assert TrialCheckpoint(tmp_path / "trial-3.pt", [], identity="lr=0.01").load() is None
+    assert TrialCheckpoint(tmp_path / "trial-5.pt", [tmp_path / "trial-3.pt"], identity="lr=0.01").load()["epoch"] == 2
