@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the known failures below get one line, anything else a traceback
         from pipeline.data import DatasetError
         from pipeline.registry import RegistryError
+        from pipeline.search import WorkerFailed
         from pipeline.services import ServicesError
         from pipeline.stores import StorageError, TrackingServerError
         from pipeline.study_file import StudyFileError
         from pipeline.train import NonFiniteLossError
 
         known = (DatasetError, NonFiniteLossError, StudyFileError, RegistryError, TrackingServerError, StorageError,
-                 ServicesError)
+                 ServicesError, WorkerFailed)
         if isinstance(error, known):
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -60,7 +60,7 @@ class TrialCheckpoint:
     def save(self, state: dict) -> None:
         """Write atomically: a worker killed mid-write leaves the previous epoch's file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
+        partial = self.path.with_suffix(f".{os.getpid()}.partial")
         torch.save({**state, "identity": self.identity}, partial)
         os.replace(partial, self.path)
 

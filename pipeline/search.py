@@ -292,6 +292,14 @@ def _run_worker_processes(session: Session, trial_trackers, started: float) -> N
         for process in processes:
             process.join(timeout=60)
         raise
+    crashed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    if crashed:  # its traceback is above; the session must not look like a success
+        raise WorkerFailed(f"{', '.join(crashed)} stopped on an error (its traceback is above); finished trials "
+                           f"are kept: run the same command again to continue")
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process ended on an unexpected error."""
 
 
 def _worker_entry(session: Session, trial_trackers, worker: int, started: float) -> None:

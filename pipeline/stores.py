@@ -69,7 +69,9 @@ def open_storage(url: str, *, on_stale_trial=None):
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
+        # timeout: wait for a busy writer, not "database is locked". isolation_level None hands
+        # transactions to SQLAlchemy, so that _serialize_sqlite can begin each one IMMEDIATE.
+        engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
         # pre-ping: a connection the server dropped (idle timeout, restart) is replaced, not used and failed.
         engine_kwargs = {"pool_pre_ping": True}
@@ -125,7 +127,7 @@ def first_line(error) -> str:
 
 
 def _hide_password(url: str, text: str) -> str:
-    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/:@]*:([^/@]+)@", url, flags=re.IGNORECASE)
+    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/:@]*:([^@]+)@", url, flags=re.IGNORECASE)
     return text.replace(match.group(1), "***") if match else text
 
 
@@ -149,13 +151,29 @@ def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
         # Heartbeats are marked experimental, but are Optuna's documented way to recover killed workers' trials.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
-        return PatientHeartbeatStorage(
+        storage = PatientHeartbeatStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=interval,
             grace_period=3 * interval,
             heartbeat_stale_trial_callback=stale_trial,
         )
+    if url.startswith("sqlite"):
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine) -> None:
+    """Begin every transaction IMMEDIATE (SQLAlchemy's recipe for SQLite). Optuna takes a queued
+    trial by reading it as WAITING and then setting it RUNNING, with a row lock that SQLite does
+    not have: two workers could both read WAITING before either wrote, and both run the same trial
+    (seen with two Ctrl-C re-queued trials and WORKERS=2). IMMEDIATE takes the write lock at the
+    read, so the second worker waits, then sees RUNNING and takes the next one."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class TrackingServerError(RuntimeError):

@@ -188,7 +188,7 @@ def test_ctrl_c_ends_the_running_trials_and_the_next_run_resumes(tmp_path, synth
     assert done.returncode == 0, done.stderr
     trials = trials_now(tmp_path)
     assert [t.number for t in trials] == list(range(len(trials)))  # no duplicated or skipped trial numbers
-    assert len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) >= 8
+    assert len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) >= 8, done.stdout + done.stderr
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     for trial in interrupted:  # the interrupted parameters ran again
         retries = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
