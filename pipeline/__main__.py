@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    from pipeline.services import DEFAULT_MLFLOW_PORT, DEFAULT_PG_PORT  # standard library only: cheap to import
+
     commands = parser.add_subparsers(required=True, metavar="command")
 
     data = commands.add_parser("data", help="make Fashion-MNIST available (apt, dpkg -x or download) and verify it")
@@ -135,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_argument("action", choices=["start", "stop", "status"])
     services.add_argument("--host", default="127.0.0.1",
                           help="address both bind to (default: 127.0.0.1; 0.0.0.0 lets other machines in)")
-    services.add_argument("--pg-port", type=int, help=f"PostgreSQL's port (default: {55432}, else a free one)")
-    services.add_argument("--mlflow-port", type=int, help=f"the tracking server's port (default: {5050}, else a free one)")
+    services.add_argument("--pg-port", type=int,
+                          help=f"PostgreSQL's port (default: {DEFAULT_PG_PORT}, else a free one)")
+    services.add_argument("--mlflow-port", type=int,
+                          help=f"the tracking server's port (default: {DEFAULT_MLFLOW_PORT}, else a free one)")
     services.set_defaults(handler=run_services)
     return parser
 

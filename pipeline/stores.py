@@ -141,16 +141,17 @@ def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
 
     from pipeline.heartbeats import PatientHeartbeatStorage
 
-    def stale_trial(study, trial):
-        retry(study, trial)
-        if on_stale_trial is not None:
-            on_stale_trial(study, trial)
-
     interval = heartbeat_seconds()
     with warnings.catch_warnings():
         # Heartbeats are marked experimental, but are Optuna's documented way to recover killed workers' trials.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+        def stale_trial(study, trial):
+            retry(study, trial)
+            if on_stale_trial is not None:
+                on_stale_trial(study, trial)
+
         storage = PatientHeartbeatStorage(
             url,
             engine_kwargs=engine_kwargs,

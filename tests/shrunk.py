@@ -54,7 +54,8 @@ def enqueue(folder, study: str, *trials: dict) -> None:
 
 
 def tune_command(folder, study: str = "mlp", *extra, epochs: int = 3, **more) -> list[str]:
-    """`python -m pipeline tune` on the shrunk study, as a user would type it."""
+    """`python -m pipeline tune` on the shrunk study, as a user would type it: on the storage in
+    ``folder``, or with ``folder`` None on the one the environment names ($OPTUNA_STORAGE)."""
     sets = [arg for key, value in settings(epochs, **more) for arg in ("--set", f"{key}={value}")]
-    return [sys.executable, "-m", "pipeline", "tune", "--study", study, "--storage", storage_in(folder),
-            "--device", "cpu", *sets, *extra]
+    storage = [] if folder is None else ["--storage", storage_in(folder)]
+    return [sys.executable, "-m", "pipeline", "tune", "--study", study, *storage, "--device", "cpu", *sets, *extra]

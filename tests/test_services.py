@@ -25,7 +25,7 @@ from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
 from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
 from tests.conftest import free_port, write_dataset
-from tests.shrunk import LEARNS, settings
+from tests.shrunk import LEARNS, tune_command
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 MIRRORED = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -77,8 +77,7 @@ def user_env(services: Services, storage: str, data_dir: Path, **more) -> dict:
 
 def tune(study="mlp", *extra, epochs=2, **more) -> list[str]:
     """`python -m pipeline tune` on the shrunk study, the storage and server coming from the environment."""
-    sets = [arg for key, value in settings(epochs, **more) for arg in ("--set", f"{key}={value}")]
-    return [sys.executable, "-m", "pipeline", "tune", "--study", study, "--device", "cpu", *sets, *extra]
+    return tune_command(None, study, *extra, epochs=epochs, **more)
 
 
 def start(command, env) -> subprocess.Popen:
