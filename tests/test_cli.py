@@ -232,3 +232,14 @@ def test_a_storage_that_cannot_be_opened_is_one_line_that_hides_the_password(tmp
     assert "secret" not in done.stdout + done.stderr
     assert time.time() - started < 10
     assert not (tmp_path / "mlflow.db").exists()  # nothing was created: no experiment, no session run
+
+
+@pytest.mark.slow
+def test_a_worker_process_that_crashes_fails_the_session(tmp_path, synthetic_env):
+    # The data are loaded in each worker process: a folder that is not there crashes both of them.
+    env = {**synthetic_env, CUSTOM_ENV_VAR: str(tmp_path / "no-such-folder")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--workers", "2", "--trials", "1", "--no-tracking",
+                           "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert done.returncode == 1  # not a session that looks like a success
+    assert "error: worker-0 (exit code 1), worker-1 (exit code 1) stopped on an error" in done.stderr
