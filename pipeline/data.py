@@ -3,6 +3,11 @@
 The four original IDX files are read through torchvision. Verification is of the
 *decompressed* bytes: Debian's .gz files differ from the ones torchvision downloads only in
 their gzip headers, so a checksum of the .gz would reject good data.
+
+Every process starts from the data, so the first load also writes what it decoded to a cache
+(pipeline/data_cache.py), keyed by the SHA-256 of the files as they lie on disk; the split
+indices are cached the same way. Later processes read two arrays and skip decompression,
+torchvision's dataset import and scikit-learn's (about 5 s of start-up on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
-from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
+from pipeline import data_cache
 from pipeline.paths import DATA_DIR as REPO_DATA_DIR
+
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 ENV_VAR = "FASHION_MNIST_DIR"  # where the official files are, when not in the usual places
 CUSTOM_ENV_VAR = "FASHION_MNIST_CUSTOM_DIR"  # a dataset of one's own in the same IDX layout, used knowingly
@@ -42,7 +47,8 @@ OFFICIAL_SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-CLASSES = tuple(TorchvisionFashionMNIST.classes)
+# torchvision's FashionMNIST.classes, in label order (not imported from there: see the docstring).
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 N_CLASSES = len(CLASSES)
 IMAGE_SIDE = 28  # pixels; the images are square and grey
 CROP_PADDING = 2  # pixels: `crop-flip` shifts each image by up to this much in each direction
@@ -115,28 +121,57 @@ def load_fashion_mnist(directory: Path | None = None, *, custom: bool = False) -
     announced on stderr, so nobody mistakes its figures for Fashion-MNIST's."""
     if directory is None and os.environ.get(CUSTOM_ENV_VAR):
         directory, custom = Path(os.environ[CUSTOM_ENV_VAR]), True
-    with verified_torchvision_root(directory, custom=custom) as (root, source, checksum):
-        train = _read_split(root, train=True, source=source)
-        test = _read_split(root, train=False, source=source)
+    files = _raw_files(directory)
+    source = files[RAW_FILES[0]].parent
+    key = data_cache.key_of(files[name] for name in RAW_FILES)
+    cached = data_cache.load_decoded(key)
+    if cached is not None:
+        digests, tensors = cached
+        for name in RAW_FILES:
+            _verify(files[name], digests[name], custom=custom)
+    else:
+        with verified_torchvision_root(directory, custom=custom) as (root, _source, digests):
+            tensors = (*_read_split(root, train=True, source=source), *_read_split(root, train=False, source=source))
+        data_cache.save_decoded(key, digests, tensors)
+    checksum = dataset_checksum(digests)
     if custom:
         print(f"note: using the custom dataset in {source} (checksum {checksum[:12]}), not the official "
               f"Fashion-MNIST; its runs are tagged dataset=custom", file=sys.stderr, flush=True)
-    return FashionMNIST(*train, *test, source=source, checksum=checksum, custom=custom)
+    return FashionMNIST(*tensors, source=source, checksum=checksum, custom=custom)
+
+
+def dataset_checksum(digests: dict[str, str]) -> str:
+    """SHA-256 over the four decompressed files' SHA-256s: the name of the exact data a run saw."""
+    return hashlib.sha256("".join(digests[n] for n in RAW_FILES).encode()).hexdigest()
+
+
+def _raw_files(directory: Path | None) -> dict[str, Path]:
+    if directory is None:
+        return locate_dataset()
+    files = find_raw_files(Path(directory))
+    if files is None:
+        raise DatasetError(f"Fashion-MNIST not found in {directory}: it needs {', '.join(RAW_FILES)} "
+                           f"(or their .gz). {FIX}")
+    return files
+
+
+def _verify(path: Path, digest: str, *, custom: bool) -> None:
+    name = path.name.removesuffix(".gz")
+    if not custom and digest != OFFICIAL_SHA256[name]:
+        raise DatasetError(
+            f"{path} is corrupt or truncated: its content's SHA-256 is {digest[:16]}..., "
+            f"expected {OFFICIAL_SHA256[name][:16]}.... {FIX} (A dataset of your own in this layout: "
+            f"set {CUSTOM_ENV_VAR} instead.)"
+        )
 
 
 @contextmanager
 def verified_torchvision_root(directory: Path | None = None, *, custom: bool = False
-                              ) -> Iterator[tuple[str, Path, str]]:
+                              ) -> Iterator[tuple[str, Path, dict[str, str]]]:
     """A scratch folder laid out as torchvision's FashionMNIST expects (FashionMNIST/raw/), holding the
     decompressed files after their content is verified against the official checksums (unless
-    ``custom``). Yields (root, source folder, dataset checksum)."""
-    if directory is None:
-        files = locate_dataset()
-    else:
-        files = find_raw_files(Path(directory))
-        if files is None:
-            raise DatasetError(f"Fashion-MNIST not found in {directory}: it needs {', '.join(RAW_FILES)} "
-                               f"(or their .gz). {FIX}")
+    ``custom``). Yields (root, source folder, each file's SHA-256)."""
+    files = _raw_files(directory)
     source = files[RAW_FILES[0]].parent
     digests = {}
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as scratch:
@@ -145,15 +180,9 @@ def verified_torchvision_root(directory: Path | None = None, *, custom: bool = F
         for name, path in files.items():
             content = _read_decompressed(path)
             digests[name] = hashlib.sha256(content).hexdigest()
-            if not custom and digests[name] != OFFICIAL_SHA256[name]:
-                raise DatasetError(
-                    f"{path} is corrupt or truncated: its content's SHA-256 is {digests[name][:16]}..., "
-                    f"expected {OFFICIAL_SHA256[name][:16]}.... {FIX} (A dataset of your own in this layout: "
-                    f"set {CUSTOM_ENV_VAR} instead.)"
-                )
+            _verify(path, digests[name], custom=custom)
             (raw_dir / name).write_bytes(content)
-        checksum = hashlib.sha256("".join(digests[n] for n in RAW_FILES).encode()).hexdigest()
-        yield scratch, source, checksum
+        yield scratch, source, digests
 
 
 def _read_decompressed(path: Path) -> bytes:
@@ -165,6 +194,8 @@ def _read_decompressed(path: Path) -> bytes:
 
 
 def _read_split(root: str, *, train: bool, source: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST  # 3 s to import: cache misses only
+
     split = "train" if train else "test"
     try:
         dataset = TorchvisionFashionMNIST(root, train=train, download=False)
@@ -209,17 +240,17 @@ class Splits:
 
 def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) -> Splits:
     """Stratified validation split out of the training images; optional stratified training subset."""
-    labels = dataset.train_labels.numpy()
-    if val_size >= len(labels):
-        raise DatasetError(f"val_size={val_size} leaves no training images out of {len(labels)}.")
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=val_size, stratify=labels, random_state=SPLIT_SEED
-    )
-    train_pixels = dataset.train_images[train_idx].float().div_(255)
-    mean, std = train_pixels.mean().item(), train_pixels.std().item()
-    if 0 < train_subset < len(train_idx):
-        train_idx = train_test_split(train_idx, train_size=train_subset, stratify=labels[train_idx],
-                                     random_state=SPLIT_SEED)[0]
+    if val_size >= len(dataset.train_labels):
+        raise DatasetError(f"val_size={val_size} leaves no training images out of {len(dataset.train_labels)}.")
+    # A dataset built in memory has no checksum to name its split by: it is split afresh each time.
+    key = dataset.checksum and f"{dataset.checksum[:20]}-val{val_size}-subset{train_subset}-seed{SPLIT_SEED}"
+    cached = data_cache.load_split(key) if key else None
+    if cached is None:
+        cached = _stratified_split(dataset.train_labels.numpy(), val_size=val_size, train_subset=train_subset,
+                                   images=dataset.train_images)
+        if key:
+            data_cache.save_split(key, *cached)
+    train_idx, val_idx, mean, std = cached
     return Splits(
         train_images=normalize(dataset.train_images[train_idx], mean, std),
         train_labels=dataset.train_labels[train_idx],
@@ -228,6 +259,22 @@ def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) 
         mean=mean,
         std=std,
     )
+
+
+def _stratified_split(labels: np.ndarray, *, val_size: int, train_subset: int, images: torch.Tensor
+                      ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    from sklearn.model_selection import train_test_split  # 2 s to import: cache misses only
+
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_size, stratify=labels, random_state=SPLIT_SEED
+    )
+    # The statistics of the whole training split, also when training on a subset of it.
+    train_pixels = images[train_idx].float().div_(255)
+    mean, std = train_pixels.mean().item(), train_pixels.std().item()
+    if 0 < train_subset < len(train_idx):
+        train_idx = train_test_split(train_idx, train_size=train_subset, stratify=labels[train_idx],
+                                     random_state=SPLIT_SEED)[0]
+    return train_idx, val_idx, mean, std
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

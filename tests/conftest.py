@@ -96,10 +96,18 @@ def tiny_config() -> TrainConfig:
     return TrainConfig(hidden_sizes=(64, 32), epochs=2, batch_size=32, lr=3e-3, val_size=200)
 
 
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory) -> Path:
+    """One decoded-dataset cache for the whole run: the first test to load the real dataset fills it."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow_store(tmp_path, monkeypatch):
+def _isolated_mlflow_store(tmp_path, monkeypatch, data_cache_dir):
     """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/,
-    and keeps its trials' checkpoints in its own folder, never studies/checkpoints/."""
+    keeps its trials' checkpoints in its own folder, never studies/checkpoints/, and caches decoded
+    datasets outside data/."""
+    monkeypatch.setenv("FASHION_MNIST_CACHE_DIR", str(data_cache_dir))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")

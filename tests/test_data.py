@@ -1,9 +1,13 @@
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pipeline import data
+from pipeline import data, data_cache
 from pipeline.data import (
     DatasetError, FashionMNIST, augment, load_fashion_mnist, make_splits, normalize, shuffled_batches,
 )
@@ -171,3 +175,54 @@ def test_flip_only_augmentation_keeps_every_pixel_row():
     kept = [torch.equal(out[i], images[i]) for i in range(32)]
     assert all(f or k for f, k in zip(flipped, kept))
     assert 0 < sum(flipped) < 32
+
+
+# --- The decoded-dataset cache (pipeline/data_cache.py) -------------------------------------------
+
+def _load_in_a_fresh_process(folder, env) -> dict:
+    """Load and split in a new interpreter, as every command and worker does; report what it imported."""
+    script = (
+        "import json, sys\n"
+        "from pipeline.data import load_fashion_mnist, make_splits\n"
+        f"dataset = load_fashion_mnist({str(folder)!r}, custom=True)\n"
+        "splits = make_splits(dataset, val_size=200, train_subset=300)\n"
+        "print(json.dumps({'checksum': dataset.checksum, 'mean': splits.mean, 'train_labels': splits.train_labels.tolist(),\n"
+        "                  'val_pixels': splits.val_images.sum().item(),\n"
+        "                  'imported': sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules)}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_second_process_gets_the_same_data_and_split_without_decoding_again(tmp_path, synthetic_dir):
+    env = {**os.environ, data_cache.ENV_VAR: str(tmp_path / "cache")}
+    first = _load_in_a_fresh_process(synthetic_dir, env)
+    second = _load_in_a_fresh_process(synthetic_dir, env)
+    assert first["imported"] == ["sklearn", "torchvision"]  # decoded and split the slow way, once
+    assert second["imported"] == []  # start-up: neither library is imported when the cache serves
+    assert {k: v for k, v in second.items() if k != "imported"} == {k: v for k, v in first.items() if k != "imported"}
+
+
+def test_a_file_changed_after_caching_is_read_again_not_served_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(data_cache.ENV_VAR, str(tmp_path / "cache"))
+    folder = write_dataset(tmp_path / "data", compress=False)
+    load_fashion_mnist(folder, custom=True)
+    images = folder / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-28 * 28])
+    with pytest.raises(DatasetError, match="not valid IDX files"):
+        load_fashion_mnist(folder, custom=True)
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, synthetic_dir, synthetic_dataset):
+    monkeypatch.setenv(data_cache.ENV_VAR, str(tmp_path / "cache"))
+    load_fashion_mnist(synthetic_dir, custom=True)
+    make_splits(synthetic_dataset, val_size=200)
+    entries = sorted((tmp_path / "cache").glob("*.npz"))
+    assert [e.name.split("-")[0] for e in entries] == ["decoded", "split"]
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:1000])  # a writer killed half-way, say
+    again = load_fashion_mnist(synthetic_dir, custom=True)
+    assert torch.equal(again.train_images, synthetic_dataset.train_images) and again.checksum == synthetic_dataset.checksum
+    split = make_splits(again, val_size=200)
+    assert torch.equal(split.val_labels, make_splits(synthetic_dataset, val_size=200).val_labels)
+    assert all(e.stat().st_size > 1000 for e in entries)  # rewritten whole
