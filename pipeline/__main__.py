@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, help="finished trials the study should reach (default: the study file's)")
     tune.add_argument("--timeout", type=float, help="seconds for this session (default: the study file's)")
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
+    tune.add_argument("--no-final", dest="final_phase", action="store_false",
+                      help="skip the study file's final phase (the best configuration retrained for longer)")
     add_storage_option(tune)
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="change one of the study's fixed settings for this run, e.g. --set epochs=2 "
@@ -218,7 +220,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"\nbest epoch {result.best_epoch} of {result.epochs_run}{early}, {result.seconds:.0f} s of training",
           file=out)
     print(f"train accuracy      {train_accuracy:6.2%}", file=out)
-    print(f"validation accuracy {result.best_val_accuracy:6.2%}", file=out)
+    mirrored = "   (averaged with the mirror image: it paid on validation)" if result.flip_averaged else ""
+    print(f"validation accuracy {result.best_val_accuracy:6.2%}{mirrored}", file=out)
     print(f"test accuracy       {test_accuracy:6.2%}   (the notebook: {NOTEBOOK_TEST_ACCURACY:.2%})", file=out)
     if args.json:
         print(json.dumps({
@@ -227,6 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
             "test_accuracy": test_accuracy,
             "epochs": result.epochs_run,
             "best_epoch": result.best_epoch,
+            "flip_averaged": result.flip_averaged,
             "seconds": round(seconds, 2),
             "train_seconds": round(result.seconds, 2),
             "device": str(device),
@@ -253,7 +257,7 @@ def run_tune(args: argparse.Namespace) -> int:
     session = Session(
         study_file=str(spec.path), storage=storage_url(args.storage),
         target_trials=args.trials if args.trials is not None else spec.trials, timeout=args.timeout if args.timeout is not None else spec.timeout,
-        workers=args.workers, device=args.device, settings=tuple(settings.items()),
+        workers=args.workers, device=args.device, settings=tuple(settings.items()), final_phase=args.final_phase,
     )
     budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""

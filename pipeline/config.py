@@ -15,6 +15,7 @@ ModelFamily = Literal["mlp", "cnn"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["onecycle", "cosine", "plateau", "none"]
 AugmentName = Literal["none", "flip", "crop-flip"]
+PrecisionName = Literal["auto", "float32", "bfloat16"]
 
 NOTEBOOK_TEST_ACCURACY = 0.9030  # the notebook's MLP: the figure every trained model is compared with
 
@@ -51,6 +52,10 @@ class TrainConfig:
     val_size: int = 10_000  # images held out of the 60,000 training images for validation
     train_subset: int = 0  # train on this many images only (0: all), for cheap runs
     seed: int = 0
+    # Training arithmetic. auto: bfloat16 autocast where the hardware does it natively (CUDA, CPUs with
+    # AVX-512 BF16 or AMX: 1.5-2.5x faster steps), float32 elsewhere. Validation and the exported
+    # model compute in float32 on a CPU, so promotion and clients see the same accuracy.
+    precision: PrecisionName = "auto"
 
     def __post_init__(self) -> None:
         _check_literals(self)

@@ -1,4 +1,4 @@
-"""Which device to train on, and how many CPU threads each worker process may use."""
+"""Which device to train on, in which precision, and how many CPU threads each worker process may use."""
 
 from __future__ import annotations
 
@@ -30,3 +30,21 @@ def configure_cpu_threads(workers: int = 1) -> int:
     threads = max(1, available_cpus() // max(1, workers))
     torch.set_num_threads(threads)
     return threads
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: any CUDA GPU torch runs on (older ones emulate
+    it in float32 at no loss), and CPUs with AVX-512 BF16 or AMX, where oneDNN's bfloat16 kernels
+    beat float32 ones. Other CPUs convert in software, which is slower than float32."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    return device.type == "cpu" and any(getattr(cpu, check, lambda: False)() for check in checks)
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for a config's ``precision`` on ``device`` (float32: no autocast)."""
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
+        return torch.bfloat16
+    return torch.float32

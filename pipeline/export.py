@@ -6,6 +6,7 @@ normalization, and plain MLflow loads it (``mlflow.pyfunc.load_model``).
 
 from __future__ import annotations
 
+import copy
 from importlib.metadata import version
 
 import numpy as np
@@ -35,7 +36,9 @@ def log_raw_pixel_model(run_id: str, model: nn.Module, splits: Splits) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
-    wrapped = RawPixelClassifier(model, splits.mean, splits.std).cpu().eval()
+    # A copy in the default memory format: a CNN trains in channels-last, which clients need not know.
+    network = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+    wrapped = RawPixelClassifier(network, splits.mean, splits.std).eval()
     example = (splits.val_images[:4, 0].cpu() * splits.std + splits.mean).mul(255).round().numpy().astype(np.float32)
     with torch.inference_mode():
         output = wrapped(torch.from_numpy(example)).numpy()

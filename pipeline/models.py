@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,6 +28,14 @@ class Dropout(nn.Dropout):
         return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)
 
 
+class LogSoftmax(nn.LogSoftmax):
+    """``nn.LogSoftmax`` computed in float32 whatever the autocast dtype: the loss and its gradient
+    keep full precision when the layers before run in bfloat16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
 class MLP(nn.Sequential):
     """The notebook's network: Flatten, then per hidden width Linear -> BatchNorm -> ReLU -> Dropout,
     then Linear -> LogSoftmax. With the default widths it is 784-512-256-128-10."""
@@ -40,7 +50,7 @@ class MLP(nn.Sequential):
                 layers.append(nn.BatchNorm1d(hidden))
             layers += [nn.ReLU(inplace=True), Dropout(dropout)]
             width = hidden
-        layers += [nn.Linear(width, n_classes), nn.LogSoftmax(dim=1)]
+        layers += [nn.Linear(width, n_classes), LogSoftmax(dim=1)]
         super().__init__(*layers)
 
 
@@ -85,11 +95,25 @@ class CNN(nn.Module):
             head += [nn.Linear(flat, head_width), nn.BatchNorm1d(head_width), nn.ReLU(inplace=True),
                      Dropout(dropout)]
             flat = head_width
-        head += [nn.Linear(flat, n_classes), nn.LogSoftmax(dim=1)]
+        head += [nn.Linear(flat, n_classes), LogSoftmax(dim=1)]
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of the model's probabilities for the image and for its mirror
+    image, as log-probabilities. Same input and output as the model it wraps, so an exported model
+    keeps its signature; worth it for a model trained on flipped images (see train.py)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        original, mirrored = self.model(torch.cat([x, x.flip(-1)])).chunk(2)
+        return torch.logaddexp(original, mirrored) - math.log(2)
 
 
 def build_model(config: TrainConfig) -> nn.Module:

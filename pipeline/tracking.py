@@ -174,6 +174,7 @@ class TrialTracker:
         log_confusion_matrix(self.client, self.run_id, validation["confusion_matrix"], "Validation confusion matrix",
                              "confusion_matrix")
         self.client.log_figure(self.run_id, learning_curves(result.history), "learning_curves.png")
+        self.client.set_tag(self.run_id, "flip_averaged", str(result.flip_averaged).lower())
         model_uri = None
         if log_model:
             model_uri = log_raw_pixel_model(self.run_id, result.model, splits)

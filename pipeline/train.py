@@ -19,7 +19,8 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.data import Splits, augment, shuffled_batches
-from pipeline.models import build_model
+from pipeline.device import training_dtype
+from pipeline.models import FlipAveraged, build_model
 
 PREDICT_BATCH_SIZE = 2048  # images per forward pass when predicting; bounds activation memory, not a hyperparameter
 
@@ -47,10 +48,16 @@ class TrainResult:
     best_epoch: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
+    flip_averaged: bool = False  # the model averages its predictions with the mirror image's (test-time augmentation)
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+    @property
+    def network(self) -> nn.Module:
+        """The trained network itself, without the mirror-image averaging ``model`` may add."""
+        return self.model.model if self.flip_averaged else self.model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,14 +90,15 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
     data = data.to(device)
     model = build_model(config).to(device)
     train_images = data.train_images
-    if device.type == "cuda" and config.model == "cnn":
-        # Convolutions on tensor cores prefer NHWC.
+    if config.model == "cnn":
+        # Convolutions run 1.3-3x faster on NHWC: tensor cores on a GPU, oneDNN's kernels on a CPU.
         model = model.to(memory_format=torch.channels_last)
         train_images = train_images.contiguous(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     scheduler = make_scheduler(config, optimizer, steps_per_epoch)
-    autocast = _autocast(device)
+    dtype = training_dtype(config.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     result = TrainResult(model=model)
     best_state: dict[str, torch.Tensor] | None = None
@@ -178,8 +186,20 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    if config.augment != "none" and result.history:
+        _average_with_mirror_if_better(result, data)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _average_with_mirror_if_better(result: TrainResult, data: Splits) -> None:
+    """A model trained on mirrored images predicts both an image and its mirror image well: averaging
+    the two often gains a few tenths of a point. Kept only when validation says so; the model
+    returned (and exported) is then the averaging one, and its validation accuracy the result's."""
+    averaged = FlipAveraged(result.model).eval()
+    _, accuracy = nll_and_accuracy(averaged, data.val_images, data.val_labels)
+    if accuracy > result.best_val_accuracy:
+        result.model, result.best_val_accuracy, result.flip_averaged = averaged, accuracy, True
 
 
 def smoothed_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -195,7 +215,7 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Log-probabilities (N, 10) in float32, evaluated in eval mode, a large batch at a time."""
     model.eval()
     device = next(model.parameters()).device
-    with _autocast(device):
+    with _prediction_autocast(device):
         outputs = [model(images[start:start + PREDICT_BATCH_SIZE].to(device)).float()
                    for start in range(0, len(images), PREDICT_BATCH_SIZE)]
     return torch.cat(outputs)
@@ -233,8 +253,10 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_
     return None
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast pays on GPUs; on CPUs without AMX it is slower than float32.
+def _prediction_autocast(device: torch.device):
+    # On a GPU, bfloat16 pays and the exported model is not what is scored there. On a CPU, predict in
+    # float32 as the exported model does: the validation accuracy that promotes a model is the one
+    # clients get.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()

@@ -56,9 +56,9 @@ def test_the_returned_model_holds_the_best_epochs_weights(synthetic_splits, tiny
 
 def test_two_seeded_runs_give_identical_weights(synthetic_splits, tiny_config):
     config = tiny_config.replace(augment="crop-flip")
-    first = train(config, synthetic_splits, device="cpu").model.state_dict()
-    second = train(config, synthetic_splits, device="cpu").model.state_dict()
-    other_seed = train(config.replace(seed=1), synthetic_splits, device="cpu").model.state_dict()
+    first = train(config, synthetic_splits, device="cpu").network.state_dict()
+    second = train(config, synthetic_splits, device="cpu").network.state_dict()
+    other_seed = train(config.replace(seed=1), synthetic_splits, device="cpu").network.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other_seed[k]) for k in first)
 
@@ -190,3 +190,51 @@ def test_only_a_checkpoint_of_the_same_parameters_and_settings_is_resumed(tmp_pa
     # A trial's own number never resumes: a new study reusing the number starts at epoch 1.
     assert TrialCheckpoint(tmp_path / "trial-3.pt", [], identity="lr=0.01").load() is None
     assert TrialCheckpoint(tmp_path / "trial-5.pt", [tmp_path / "trial-3.pt"], identity="lr=0.01").load()["epoch"] == 2
+
+
+def test_mirror_averaging_is_kept_only_when_it_validates_better(synthetic_splits, tiny_config):
+    from pipeline.models import FlipAveraged
+    from pipeline.train import nll_and_accuracy
+
+    result = train(tiny_config.replace(augment="flip", epochs=2), synthetic_splits, device="cpu")
+    _, plain = nll_and_accuracy(result.network, synthetic_splits.val_images, synthetic_splits.val_labels)
+    _, mirrored = nll_and_accuracy(FlipAveraged(result.network), synthetic_splits.val_images,
+                                   synthetic_splits.val_labels)
+    assert result.best_val_accuracy == max(plain, mirrored)  # what the study sees is what the model does
+    assert result.flip_averaged == (mirrored > plain)
+    _, returned = nll_and_accuracy(result.model, synthetic_splits.val_images, synthetic_splits.val_labels)
+    assert returned == result.best_val_accuracy
+
+
+def test_mirror_averaging_is_left_out_when_it_would_hurt(tiny_config):
+    # Two classes told apart only by which half of the image is bright: a mirror image swaps them.
+    images = torch.zeros(200, 1, 28, 28)
+    labels = torch.arange(200) % 2
+    images[labels == 0, :, :, :14] = 1.0
+    images[labels == 1, :, :, 14:] = 1.0
+    splits = Splits(images, labels, images, labels, mean=0.0, std=1.0)
+    result = train(tiny_config.replace(augment="flip", epochs=1, batch_size=2), splits, device="cpu")
+    assert not result.flip_averaged and result.model is result.network
+
+
+def test_mirror_averaging_gives_probabilities_that_ignore_mirroring(synthetic_splits, tiny_config):
+    from pipeline.models import FlipAveraged
+
+    network = train(tiny_config.replace(epochs=1), synthetic_splits, device="cpu").network
+    averaged = FlipAveraged(network).eval()
+    images = synthetic_splits.val_images[:8]
+    with torch.inference_mode():
+        log_probs = averaged(images)
+        assert torch.allclose(log_probs.exp().sum(dim=1), torch.ones(8), atol=1e-5)
+        assert torch.allclose(log_probs, averaged(images.flip(-1)), atol=1e-5)
+        assert not torch.allclose(network(images), network(images.flip(-1)), atol=1e-3)
+
+
+def test_bfloat16_precision_trains_and_differs_from_float32(synthetic_splits, tiny_config):
+    # precision=auto picks one of these by hardware; both must learn, and the setting must take effect.
+    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=1, cnn_head_width=16,
+                                 epochs=2)
+    half = train(config.replace(precision="bfloat16"), synthetic_splits, device="cpu")
+    full = train(config.replace(precision="float32"), synthetic_splits, device="cpu")
+    assert half.best_val_accuracy > 0.5 and full.best_val_accuracy > 0.5
+    assert half.history[0].train_batch_loss != full.history[0].train_batch_loss
