@@ -10,11 +10,12 @@ import multiprocessing
 import os
 import signal
 import socket
+import statistics
 import time
 import warnings
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import optuna
 import sqlalchemy.exc
@@ -42,6 +43,8 @@ STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, 
 RECONNECT_SECONDS = 120
 MAX_STORAGE_LOSSES = 3  # in a row, with no session round finished between them: not a blip, give up
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+# A final-phase trial: which trial's configuration it retrains, and for how many epochs.
+FINAL_ATTRS = ("final_of", "final_epochs")
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -66,10 +69,32 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
     if not study.get_trials(deepcopy=False):
-        for params in spec.enqueue:
+        for params in [*warm_start_params(spec, storage), *spec.enqueue]:
             study.enqueue_trial(params, skip_if_exists=True)
     _requeue_interrupted(study)
     return study
+
+
+def warm_start_params(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[dict]:
+    """The parameters of the earlier study's best complete trials (`[warm_start]`) that lie in this
+    study's space, best first; none, with a note, when that study is not in the storage."""
+    if spec.warm_start is None:
+        return []
+    name, wanted = spec.warm_start["study"], spec.warm_start["best"]
+    try:
+        earlier = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        print(f"note: warm start: no study {name!r} in this storage yet; starting from the study file alone",
+              flush=True)
+        return []
+    complete = sorted(earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: t.value, reverse=earlier.direction == optuna.study.StudyDirection.MAXIMIZE)
+    chosen = []  # what this study searches of each; what it searches and the earlier one did not is sampled
+    for params in (spec.in_space(t.params) for t in complete):
+        if params and spec.fits(params) and params not in chosen:
+            chosen.append(params)
+    print(f"warm start: {len(chosen[:wanted])} best configurations of study {name!r} queued first", flush=True)
+    return chosen[:wanted]
 
 
 def _requeue_interrupted(study: optuna.Study) -> None:
@@ -77,7 +102,8 @@ def _requeue_interrupted(study: optuna.Study) -> None:
     requeued = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in requeued:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            final = {k: trial.user_attrs[k] for k in FINAL_ATTRS if k in trial.user_attrs}
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **final})
 
 
 def quiet_optuna() -> None:
@@ -147,7 +173,8 @@ class Objective:
             with self.deferred():
                 tracker.log_epoch(metrics)
                 trial.report(metrics.val_accuracy, epoch)
-                prune = trial.should_prune()
+                # A final-phase trial's stretched schedule is behind shorter trials mid-way, by design.
+                prune = "final_of" not in trial.user_attrs and trial.should_prune()
                 if prune:
                     tracker.pruned(epoch)
             if prune:
@@ -240,6 +267,7 @@ class Session:
     workers: int = 1
     device: str = "auto"
     settings: tuple[tuple[str, str], ...] = ()  # (field, value) pairs that override the study file's fixed ones
+    final_phase: bool = True  # run the study file's [final] phase, if it has one
 
     def load_spec(self) -> StudySpec:
         return load_study(self.study_file).with_settings(dict(self.settings))
@@ -257,10 +285,13 @@ def run_session(session: Session, tracker=None) -> dict:
         quiet_optuna()
         study = prepare_study(spec, open_storage(session.storage))
         trial_trackers = tracker.trial_trackers()
+        search = replace(session, timeout=_search_timeout(session, spec))
         if session.workers == 1:
-            _work(session, trial_trackers, worker=0, started=started)
+            _work(search, trial_trackers, worker=0, started=started)
         else:
-            _run_worker_processes(session, trial_trackers, started)
+            _run_worker_processes(search, trial_trackers, started)
+        if spec.final and session.final_phase:
+            _final_phase(session, spec, study, trial_trackers, started)
     except BaseException as error:  # the parent run ends with the session, never left RUNNING
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         tracker.finish(study, summarize(study, spec, seconds=time.time() - started) if study else None, status=status)
@@ -273,6 +304,47 @@ def run_session(session: Session, tracker=None) -> dict:
     summary.update(tracker.summary_fields())
     summary["session_seconds"] = round(time.time() - started, 1)
     return summary
+
+
+def _search_timeout(session: Session, spec: StudySpec) -> float | None:
+    """The session's timeout less what the final phase keeps for itself (at most half of it)."""
+    if session.timeout is None or not (spec.final and session.final_phase):
+        return session.timeout
+    return session.timeout - min(spec.final["seconds"], session.timeout / 2)
+
+
+def _final_phase(session: Session, spec: StudySpec, study: optuna.Study, trial_trackers, started: float) -> None:
+    """Retrain the best trial's configuration for longer, as one more trial of the study (so the
+    dashboard, MLflow and promotion see it like any other): as many epochs as fit the time left at
+    the best trial's pace, at most `final.max_epochs`, and more than the trial ran, or not at all.
+    OneCycle and cosine stretch to the new length. It becomes the study's best, and the candidate
+    for promotion, only if its validation accuracy beats the trial's. Once per best trial."""
+    trials = study.get_trials(deepcopy=False)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return  # no complete trial to retrain
+    if "final_of" in best.user_attrs or any(t.user_attrs.get("final_of") == best.number for t in trials):
+        return  # done already: the best is a final run, or its final run did not beat it
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    if waiting:  # Optuna runs queued trials oldest first: they come before a final run
+        print(f"final phase: skipped, {waiting} queued trials still to run (the next session runs them, then "
+              f"this phase)", flush=True)
+        return
+    trained = best.user_attrs.get("epochs_run") or spec.max_epochs
+    pace = best.user_attrs.get("seconds", 0) / max(1, trained)  # seconds an epoch, MLflow included
+    epochs = spec.final["max_epochs"]
+    if session.timeout is not None and pace > 0:
+        epochs = min(epochs, int((started + session.timeout - time.time()) / pace))
+    if epochs <= best.user_attrs.get("max_epochs", trained):
+        print(f"final phase: skipped, {epochs} epochs fit the time left and trial {best.number} ran "
+              f"{trained}", flush=True)
+        return
+    print(f"final phase: trial {best.number}'s configuration ({best.value:.2%} validation) retrained for "
+          f"{epochs} epochs, about {clock(epochs * pace)}", flush=True)
+    study.enqueue_trial(best.params, user_attrs={"final_of": best.number, "final_epochs": epochs})
+    final = replace(session, workers=1, timeout=None, target_trials=_count_complete_or_pruned(study) + 1)
+    _work(final, trial_trackers, worker=0, started=started)
 
 
 def _run_worker_processes(session: Session, trial_trackers, started: float) -> None:
@@ -459,6 +531,24 @@ def epoch_counts(trials, *, default_max_epochs: int | None = None) -> tuple[int,
     return run, unpruned
 
 
+def epochs_below_median(trials) -> tuple[int, int]:
+    """Epochs the finished trials spent, and how many of them went to trials that ended below the
+    median of the finished trials' final values (a pruned trial's is its last report): the share of
+    the budget a search spent on configurations it ends up ranking in its worse half."""
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED and _final_value(t) is not None]
+    if not finished:
+        return 0, 0
+    median = statistics.median(_final_value(t) for t in finished)
+    below = sum(t.user_attrs.get("epochs_run", 0) for t in finished if _final_value(t) < median)
+    return below, sum(t.user_attrs.get("epochs_run", 0) for t in finished)
+
+
+def _final_value(trial) -> float | None:
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    return trial.intermediate_values[trial.last_step] if trial.last_step is not None else None
+
+
 def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
@@ -470,6 +560,7 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
         "states": dict(counts),
         "epochs_run": epochs_run,
         "epochs_unpruned": epochs_unpruned,
+        "epochs_below_median": epochs_below_median(trials)[0],
         "session_seconds": round(seconds, 1),
         "best_trial": None,
     }
@@ -482,7 +573,15 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
     if complete:
         best = study.best_trial
         summary["best_trial"] = {"number": best.number, "val_accuracy": best.value, "params": best.params,
-                                 "best_epoch": best.user_attrs.get("best_epoch")}
+                                 "best_epoch": best.user_attrs.get("best_epoch"),
+                                 "final_of": best.user_attrs.get("final_of")}
+    finals = [t for t in complete if "final_of" in t.user_attrs]
+    if finals:
+        final = finals[-1]
+        retrained = next(t for t in trials if t.number == final.user_attrs["final_of"])
+        summary["final"] = {"number": final.number, "epochs": final.user_attrs["final_epochs"],
+                            "val_accuracy": final.value, "of": retrained.number, "of_val_accuracy": retrained.value,
+                            "of_epochs": retrained.user_attrs.get("epochs_run")}
     return summary
 
 
@@ -494,11 +593,21 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best: trial {best['number']}, validation accuracy {best['val_accuracy']:.2%} "
                      f"(epoch {best['best_epoch']})")
         lines += [f"  {name} = {value}" for name, value in best["params"].items()]
+    final = summary.get("final")
+    if final:
+        verdict = "the study's best now" if final["val_accuracy"] > final["of_val_accuracy"] else "no better: not the candidate"
+        lines.append(f"Final phase: trial {final['number']} retrained trial {final['of']} for {final['epochs']} epochs "
+                     f"(it ran {final['of_epochs']}): {final['val_accuracy']:.2%} against {final['of_val_accuracy']:.2%}, "
+                     f"{verdict}")
     unpruned = summary["epochs_unpruned"]
     if unpruned:
         saved = unpruned - summary["epochs_run"]
         lines.append(f"Epochs: {summary['epochs_run']} run of {unpruned} that the finished trials "
                      f"could have used: pruning saved {saved} ({saved / unpruned:.0%})")
+    if summary["epochs_run"]:
+        below = summary["epochs_below_median"]
+        lines.append(f"Epochs on trials that ended below the median: {below} of {summary['epochs_run']} "
+                     f"({below / summary['epochs_run']:.0%})")
     lines.append(f"Wall time this session: {clock(summary['session_seconds'])}")
     if "trial_tracking_seconds" in summary:
         in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]

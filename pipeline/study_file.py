@@ -33,12 +33,15 @@ PRUNERS = {
     "none": optuna.pruners.NopPruner,
 }
 OBJECTIVES = {"val_accuracy": "maximize"}  # the best epoch's validation accuracy
-TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "fixed", "search", "sampler", "pruner", "enqueue"}
+TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "fixed", "search", "sampler", "pruner", "enqueue",
+                  "warm_start", "final"}
+FINAL_KEYS = {"seconds", "max_epochs"}
+WARM_START_KEYS = {"study", "best"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
-    "layers": {"type", "depth", "width", "log"},
+    "layers": {"type", "depth", "width", "log", "step"},
 }
 
 
@@ -69,7 +72,30 @@ class Param:
             return trial.suggest_categorical(self.name, list(self.choices))
         # layers: a depth, then one width per layer; Optuna records them as name_depth, name_1, ...
         depth = trial.suggest_int(f"{self.name}_depth", *self.depth)
-        return tuple(trial.suggest_int(f"{self.name}_{i}", *self.width, log=self.log) for i in range(1, depth + 1))
+        return tuple(trial.suggest_int(f"{self.name}_{i}", *self.width, log=self.log, step=self.step or 1)
+                     for i in range(1, depth + 1))
+
+    def names_in(self, params: dict[str, Any]) -> list[str]:
+        """The Optuna parameter names in ``params`` that belong to this field."""
+        return [k for k in params if k == self.name or (self.type == "layers" and k.startswith(f"{self.name}_"))]
+
+    def fits(self, params: dict[str, Any]) -> bool:
+        """Whether this field's values in ``params`` (recorded by another study, for a warm start) lie
+        in its range; a field absent from them fits (Optuna samples it)."""
+        if not self.names_in(params):
+            return True
+        if self.type == "categorical":
+            return self.name in params and params[self.name] in self.choices
+        if self.type != "layers":
+            value = params.get(self.name)
+            return isinstance(value, (int, float)) and self.low <= value <= self.high
+        depth = params.get(f"{self.name}_depth")
+        if not isinstance(depth, int) or not self.depth[0] <= depth <= self.depth[1]:
+            return False
+        widths = [params.get(f"{self.name}_{i}") for i in range(1, depth + 1)]
+        step = self.step or 1
+        return all(isinstance(w, int) and self.width[0] <= w <= self.width[1] and (w - self.width[0]) % step == 0
+                   for w in widths)
 
     def as_params(self, value: Any) -> dict[str, Any]:
         """The Optuna parameters that ``value`` corresponds to (for enqueueing a known configuration)."""
@@ -91,6 +117,11 @@ class StudySpec:
     timeout: float | None  # seconds per session; None: no limit
     objective: str = "val_accuracy"
     enqueue: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # A new study first runs the `best` best configurations of this earlier study that fit its space.
+    warm_start: dict[str, Any] | None = None  # {"study": name, "best": n}
+    # After the search: the best trial's configuration trained longer, within `seconds` of the session's
+    # timeout, for as many epochs as fit (at most `max_epochs`); promoted only if it validates better.
+    final: dict[str, Any] | None = None  # {"seconds": s, "max_epochs": n}
 
     @property
     def direction(self) -> str:
@@ -104,8 +135,20 @@ class StudySpec:
         return TrainConfig().replace(**self.fixed)
 
     def config_for(self, trial: optuna.Trial) -> TrainConfig:
-        """The trial's configuration: the fixed settings plus one sampled value per searched field."""
-        return self.base_config().replace(**{p.name: p.suggest(trial) for p in self.space})
+        """The trial's configuration: the fixed settings plus one sampled value per searched field
+        (and, for a final-phase trial, the epochs it was queued with)."""
+        config = self.base_config().replace(**{p.name: p.suggest(trial) for p in self.space})
+        if "final_epochs" in trial.user_attrs:
+            config = config.replace(epochs=trial.user_attrs["final_epochs"])
+        return config
+
+    def fits(self, params: dict[str, Any]) -> bool:
+        return all(p.fits(params) for p in self.space)
+
+    def in_space(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` without those this study does not search (another study's, for a warm start)."""
+        names = {name for p in self.space for name in p.names_in(params)}
+        return {k: v for k, v in params.items() if k in names}
 
     def with_settings(self, settings: dict[str, Any]) -> StudySpec:
         """The same study with some fixed settings changed (``--set epochs=2`` on `tune`): how the
@@ -205,12 +248,33 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
             TrainConfig().replace(**fixed, **values)
         except ConfigError as error:
             raise fail(f"enqueue[{i}]", str(error)) from None
-        enqueued.append({k: v for name, value in values.items() for k, v in by_name[name].as_params(value).items()})
+        params = {k: v for name, value in values.items() for k, v in by_name[name].as_params(value).items()}
+        outside = [name for name in values if not by_name[name].fits(params)]
+        if outside:
+            raise fail(f"enqueue[{i}].{outside[0]}", f"{values[outside[0]]!r} is outside the search space")
+        enqueued.append(params)
+
+    warm_start = _settings(document, "warm_start", WARM_START_KEYS, fail)
+    if warm_start is not None:
+        if not isinstance(warm_start.get("study"), str) or not warm_start["study"]:
+            raise fail("warm_start.study", "must name an earlier study in the same storage, e.g. \"cnn\"")
+        if warm_start["study"] == path.stem:
+            raise fail("warm_start.study", "names this study itself; name an earlier one")
+        best = warm_start.setdefault("best", 3)
+        if not _is_int(best) or best < 1:
+            raise fail("warm_start.best", f"{best!r} must be a positive integer")
+    final = _settings(document, "final", FINAL_KEYS, fail)
+    if final is not None:
+        if not _is_number(final.get("seconds")) or final["seconds"] <= 0:
+            raise fail("final.seconds", f"{final.get('seconds')!r} must be a positive number of seconds")
+        max_epochs = final.setdefault("max_epochs", 100)
+        if not _is_int(max_epochs) or max_epochs < 1:
+            raise fail("final.max_epochs", f"{max_epochs!r} must be a positive integer")
 
     spec = StudySpec(
         name=path.stem, path=path, description=document.get("description", ""), fixed=fixed, space=space,
         sampler=sampler, pruner=pruner, trials=trials, timeout=timeout, objective=objective,
-        enqueue=tuple(enqueued),
+        enqueue=tuple(enqueued), warm_start=warm_start, final=final,
     )
     for kind, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
         try:
@@ -248,7 +312,11 @@ def _parse_param(name: str, spec: Any, fail) -> Param:
     if kind == "layers":
         depth = _range_pair(spec, "depth", key, fail, minimum=1)
         width = _range_pair(spec, "width", key, fail, minimum=1)
-        return Param(name, kind, depth=depth, width=width, log=log)
+        step = spec.get("step")
+        if step is not None and (not _is_int(step) or step < 1 or log or (width[1] - width[0]) % step):
+            raise fail(f"{key}.step", f"{step!r} must be a positive integer that divides the width range, "
+                                      f"and cannot be combined with log = true")
+        return Param(name, kind, depth=depth, width=width, log=log, step=step)
 
     is_valid = _is_int if kind == "int" else _is_number
     low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
@@ -289,6 +357,16 @@ def _component(document: dict, kind: str, registry: dict, default: str, fail) ->
     if name not in registry:
         raise fail(f"{kind}.name", f"{name!r} is not a known {kind}; allowed: {', '.join(registry)}")
     settings["name"] = name
+    return settings
+
+
+def _settings(document: dict, key: str, allowed: set[str], fail) -> dict[str, Any] | None:
+    if key not in document:
+        return None
+    settings = dict(_table(document, key, fail))
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise fail(f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
     return settings
 
 

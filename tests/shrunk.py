@@ -33,9 +33,10 @@ def settings(epochs: int, **more) -> tuple[tuple[str, str], ...]:
 
 
 def session(folder, study: str = "mlp", *, trials: int, epochs: int = 3, timeout=None, workers: int = 1,
-            **more) -> Session:
+            final_phase: bool = False, **more) -> Session:
+    """The study's final phase (its best trial retrained for up to 60 epochs) is off unless asked for."""
     return Session(study, storage_in(folder), target_trials=trials, timeout=timeout, workers=workers, device="cpu",
-                   settings=settings(epochs, **more))
+                   settings=settings(epochs, **more), final_phase=final_phase)
 
 
 def tracker_for(session: Session):
@@ -53,9 +54,12 @@ def enqueue(folder, study: str, *trials: dict) -> None:
             created.enqueue_trial(params)
 
 
-def tune_command(folder, study: str = "mlp", *extra, epochs: int = 3, **more) -> list[str]:
+def tune_command(folder, study: str = "mlp", *extra, epochs: int = 3, final_phase: bool = False, **more) -> list[str]:
     """`python -m pipeline tune` on the shrunk study, as a user would type it: on the storage in
-    ``folder``, or with ``folder`` None on the one the environment names ($OPTUNA_STORAGE)."""
+    ``folder``, or with ``folder`` None on the one the environment names ($OPTUNA_STORAGE); without
+    the final phase unless asked."""
     sets = [arg for key, value in settings(epochs, **more) for arg in ("--set", f"{key}={value}")]
     storage = [] if folder is None else ["--storage", storage_in(folder)]
-    return [sys.executable, "-m", "pipeline", "tune", "--study", study, *storage, "--device", "cpu", *sets, *extra]
+    final = [] if final_phase else ["--no-final"]
+    return [sys.executable, "-m", "pipeline", "tune", "--study", study, *storage, "--device", "cpu", *sets, *final,
+            *extra]

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline.search import Objective, format_summary, open_study, run_session
 from pipeline.stores import open_storage
+from pipeline.paths import STUDIES_DIR
 from pipeline.study_file import PRUNERS, SAMPLERS, load_study
 from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tune_command
 
@@ -252,3 +253,91 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
                if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
     assert retried and retried[0].params == orphan.params and retried[0].state in COMPLETE_OR_PRUNED
     assert retried[0].user_attrs["resumed_from"].startswith(f"trial-{orphan.number}, epoch ")  # not from epoch 1
+
+
+# --- Final phase, warm starts, where the epochs went -----------------------------------------------
+
+def study_file_with(tmp_path, name: str, extra: str, base: str = "mlp") -> str:
+    """A copy of a shipped study file under another name, with its [final] replaced by ``extra``."""
+    text = (STUDIES_DIR / f"{base}.toml").read_text()
+    start = text.index("[final]")
+    end = text.index("\n\n", start)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text[:start] + extra.strip() + text[end:])
+    return str(path)
+
+
+def test_the_final_phase_retrains_the_best_trial_longer_once(tmp_path, synthetic_env):
+    spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 5")
+    enqueue(tmp_path, "mlp", LEARNS, HOPELESS)
+    first = dataclasses.replace(session(tmp_path, trials=2, epochs=2, final_phase=True), study_file=spec_file)
+    summary = run_session(first)
+    trials = load(tmp_path).trials
+    assert len(trials) == 3
+    searched_best = max(trials[:2], key=lambda t: t.value if t.value is not None else -1)
+    final = trials[2]
+    assert final.params == searched_best.params and final.user_attrs["final_of"] == searched_best.number
+    assert final.state == TrialState.COMPLETE and final.user_attrs["epochs_run"] == 5  # never pruned, 5 epochs
+    assert summary["final"]["number"] == 2 and summary["final"]["of"] == searched_best.number
+    assert "Final phase: trial 2 retrained trial" in format_summary(summary)
+    # The study's best is whichever validates better: the candidate for promotion.
+    assert summary["best_trial"]["number"] == (2 if final.value > searched_best.value else searched_best.number)
+    again = run_session(first)  # the same best trial is not retrained a second time
+    assert again["trials"] == 3
+
+
+def test_the_final_phase_fits_in_the_session_timeout(tmp_path, synthetic_env):
+    # At most half the timeout goes to the final phase: the epochs that fit the time left at the best
+    # trial's pace, not the study file's 1000.
+    spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 1000\nmax_epochs = 1000")
+    enqueue(tmp_path, "mlp", LEARNS)
+    summary = run_session(dataclasses.replace(session(tmp_path, trials=1, epochs=2, final_phase=True, timeout=6),
+                                              study_file=spec_file))
+    searched = load(tmp_path).trials[0]
+    pace = searched.user_attrs["seconds"] / searched.user_attrs["epochs_run"]
+    assert 2 < summary["final"]["epochs"] <= 6 / pace
+
+
+def test_a_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path, synthetic_env):
+    enqueue(tmp_path, "mlp", LEARNS, {**LEARNS, "lr": 2e-3}, HOPELESS)
+    run_session(session(tmp_path, trials=3, epochs=2))
+    earlier = sorted((t for t in load(tmp_path).trials if t.state == TrialState.COMPLETE),
+                     key=lambda t: t.value, reverse=True)
+    spec_file = study_file_with(tmp_path, "mlp-again", '[warm_start]\nstudy = "mlp"\nbest = 2')
+    run_session(dataclasses.replace(session(tmp_path, trials=2, epochs=2), study_file=spec_file))
+    again = load(tmp_path, "mlp-again").trials
+    # LEARNS's values lie outside mlp.toml's ranges? Then they are not queued: only what fits the space.
+    fitting = [t.params for t in earlier if load_study(spec_file).fits(t.params)][:2]
+    assert fitting and [t.params for t in again[:len(fitting)]] == fitting
+
+
+def test_a_warm_start_from_a_study_not_there_yet_starts_from_the_study_file(tmp_path, synthetic_env, capsys):
+    spec_file = study_file_with(tmp_path, "mlp-again", '[warm_start]\nstudy = "nowhere"')
+    run_session(dataclasses.replace(session(tmp_path, trials=1, epochs=1), study_file=spec_file))
+    assert "no study 'nowhere'" in capsys.readouterr().out
+    assert load(tmp_path, "mlp-again").trials[0].params == load_study("mlp").enqueue[0]
+
+
+def test_the_summary_counts_the_epochs_spent_on_trials_that_ended_below_the_median():
+    from optuna.distributions import FloatDistribution
+
+    from pipeline.search import epochs_below_median
+
+    def trial(state, values, value=None):
+        return optuna.trial.create_trial(
+            state=state, value=value, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+            intermediate_values=dict(enumerate(values, 1)), user_attrs={"epochs_run": len(values)})
+
+    trials = [trial(TrialState.COMPLETE, [0.5, 0.8, 0.9], value=0.9),  # above the median 0.7
+              trial(TrialState.COMPLETE, [0.5, 0.6, 0.7], value=0.7),  # the median: not below it
+              trial(TrialState.PRUNED, [0.4, 0.45]),  # ended at 0.45: below
+              trial(TrialState.FAIL, [0.1])]  # not finished: not counted
+    assert epochs_below_median(trials) == (2, 8)
+
+
+def test_the_gpu_study_runs_a_trial_on_the_cpu_when_shrunk(tmp_path, synthetic_env, capsys):
+    summary = run_session(session(tmp_path, "cnn-gpu", trials=1, epochs=1))
+    trial = load(tmp_path, "cnn-gpu").trials[0]
+    assert trial.state == TrialState.COMPLETE and trial.params == load_study("cnn-gpu").enqueue[0]
+    assert summary["best_trial"]["number"] == 0
+    assert "no study 'cnn'" in capsys.readouterr().out  # its warm start had nothing to start from

@@ -6,7 +6,7 @@ from optuna.trial import FixedTrial
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.study_file import StudyFileError, available_studies, load_study
 
-SHIPPED = ["cnn", "mlp", "mlp-random"]
+SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random"]
 
 
 def test_the_promised_studies_ship():
@@ -32,7 +32,7 @@ def test_each_shipped_study_loads_and_its_space_builds_configs(name):
     assert spec.name == name and spec.direction == "maximize"
     assert spec.path.read_text().startswith(f"# {name}:")  # says what it tests and how to run it
     searched = {p.name for p in spec.space}
-    assert {"lr", "dropout", "batch_size"} <= searched
+    assert {"lr", "dropout"} <= searched
     assert searched & {"hidden_sizes", "cnn_channels"}
     config = spec.config_for(FixedTrial(lowest_params(spec)))
     assert isinstance(config, TrainConfig) and config.model == spec.fixed["model"]
@@ -42,6 +42,15 @@ def test_each_shipped_study_loads_and_its_space_builds_configs(name):
         config = spec.config_for(FixedTrial(enqueued))
         for key, value in values.items():  # the value as written, coerced to the field's type (lists to tuples)
             assert getattr(config, key) == getattr(TrainConfig().replace(**{key: value}), key), key
+
+
+def test_the_gpu_study_warm_starts_from_the_cnn_study_and_its_widths_suit_the_hardware():
+    gpu, cnn = load_study("cnn-gpu"), load_study("cnn")
+    assert gpu.warm_start == {"study": "cnn", "best": 3}
+    assert cnn.fits(cnn.enqueue[0]) and gpu.fits(gpu.in_space(cnn.enqueue[0]))  # cnn's trial 0 can start it
+    for spec in (gpu, cnn):  # channel counts in multiples of 16: what oneDNN and tensor cores run fast
+        widths = next(p for p in spec.space if p.name == "cnn_channels")
+        assert widths.width[0] % 16 == 0 and widths.step % 16 == 0
 
 
 def test_the_mlp_study_starts_from_the_default_configuration():
@@ -81,6 +90,12 @@ name = "median"
     (('type = "float"', 'type = "real"'), "search.lr.type", "float, int, categorical, layers"),
     (('model = "mlp"', 'model = "rnn"'), "fixed", "'model'"),
     (('name = "median"', 'name = "median"\nn_warmup_steps = -1'), "pruner", "median"),
+    (("[pruner]", "[final]\nseconds = 0\n[pruner]"), "final.seconds", "positive number of seconds"),
+    (("[pruner]", "[final]\nseconds = 60\nepochs = 3\n[pruner]"), "final.epochs", "unknown key; allowed: max_epochs"),
+    (("[pruner]", "[warm_start]\nbest = 2\n[pruner]"), "warm_start.study", "must name an earlier study"),
+    (("[sampler]", 'hidden_sizes = { type = "layers", depth = [1, 2], width = [16, 64], step = 20 }\n[sampler]'),
+     "search.hidden_sizes.step", "divides the width range"),
+    (('name = "median"', 'name = "median"\n[[enqueue]]\nlr = 1.0'), "enqueue[0].lr", "outside the search space"),
 ])
 def test_a_bad_study_file_names_the_file_the_key_and_what_is_allowed(tmp_path, change, key, hint):
     old, new = change
