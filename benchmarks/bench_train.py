@@ -198,18 +198,19 @@ def _wall_seconds(command: list[str]) -> float:
 
 def whole_process_comparison(batch_size: int, epochs: int = 2) -> None:
     print(f"\n2. whole processes, start-up included: {epochs} epochs at batch {batch_size}, the same MLP and "
-          f"Adam, {ROUNDS} rounds", flush=True)
+          f"Adam, {ROUNDS} rounds; the project in float32 (like for like) and in its default precision", flush=True)
     notebook = [sys.executable, str(BENCH_DIR / "notebook_script.py"), str(epochs), str(batch_size)]
     project = [sys.executable, "-m", "pipeline", "train", "--epochs", str(epochs), "--set", f"batch_size={batch_size}",
                *NOTEBOOK_LIKE_SETTINGS]
     rounds = []
     for i in range(ROUNDS):
-        rounds.append((_wall_seconds(notebook), _wall_seconds(project)))
+        rounds.append((_wall_seconds(notebook), _wall_seconds([*project, "--set", "precision=float32"]),
+                       _wall_seconds(project)))
         print(f"   round {i + 1}: notebook script {rounds[-1][0]:5.1f} s, python -m pipeline train "
-              f"{rounds[-1][1]:5.1f} s", flush=True)
-    notebook_s, project_s = (statistics.median(column) for column in zip(*rounds))
-    print(f"   median: notebook script {notebook_s:.1f} s, python -m pipeline train {project_s:.1f} s: "
-          f"{notebook_s / project_s:.2f} x")
+              f"{rounds[-1][1]:5.1f} s (float32), {rounds[-1][2]:5.1f} s (precision auto)", flush=True)
+    notebook_s, float32_s, auto_s = (statistics.median(column) for column in zip(*rounds))
+    print(f"   median: notebook script {notebook_s:.1f} s; python -m pipeline train {float32_s:.1f} s in float32 "
+          f"({notebook_s / float32_s:.2f} x), {auto_s:.1f} s in its default precision ({notebook_s / auto_s:.2f} x)")
 
 
 def time_to_notebook_accuracy() -> None:

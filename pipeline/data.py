@@ -125,7 +125,7 @@ def load_fashion_mnist(directory: Path | None = None, *, custom: bool = False) -
     source = files[RAW_FILES[0]].parent
     key = data_cache.key_of(files[name] for name in RAW_FILES)
     cached = data_cache.load_decoded(key)
-    if cached is not None:
+    if cached is not None and _idx_digests(cached[1]) == cached[0]:  # the arrays are what the files held
         digests, tensors = cached
         for name in RAW_FILES:
             _verify(files[name], digests[name], custom=custom)
@@ -138,6 +138,18 @@ def load_fashion_mnist(directory: Path | None = None, *, custom: bool = False) -
         print(f"note: using the custom dataset in {source} (checksum {checksum[:12]}), not the official "
               f"Fashion-MNIST; its runs are tagged dataset=custom", file=sys.stderr, flush=True)
     return FashionMNIST(*tensors, source=source, checksum=checksum, custom=custom)
+
+
+def _idx_digests(tensors: tuple[torch.Tensor, ...]) -> dict[str, str]:
+    """The SHA-256 of each IDX file the four arrays were decoded from, computed from the arrays
+    (unsigned bytes: magic 0x0803 for images, 0x0801 for labels, big-endian sizes, then the data),
+    about 40 ms: a cache entry cannot pass off other data as the official files."""
+    digests = {}
+    for name, tensor in zip(RAW_FILES, tensors):
+        array = tensor.numpy().astype(np.uint8, copy=False)
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        digests[name] = hashlib.sha256(header + np.ascontiguousarray(array).tobytes()).hexdigest()
+    return digests
 
 
 def dataset_checksum(digests: dict[str, str]) -> str:
@@ -243,7 +255,8 @@ def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) 
     if val_size >= len(dataset.train_labels):
         raise DatasetError(f"val_size={val_size} leaves no training images out of {len(dataset.train_labels)}.")
     # A dataset built in memory has no checksum to name its split by: it is split afresh each time.
-    key = dataset.checksum and f"{dataset.checksum[:20]}-val{val_size}-subset{train_subset}-seed{SPLIT_SEED}"
+    key = dataset.checksum and data_cache.split_key(dataset.checksum, val=val_size, subset=train_subset,
+                                                    seed=SPLIT_SEED)
     cached = data_cache.load_split(key) if key else None
     if cached is None:
         cached = _stratified_split(dataset.train_labels.numpy(), val_size=val_size, train_subset=train_subset,

@@ -61,6 +61,11 @@ def save_decoded(key: str, digests: dict[str, str], tensors: tuple[torch.Tensor,
           **{name: tensor.numpy() for name, tensor in zip(ARRAYS, tensors)})
 
 
+def split_key(checksum: str, **settings) -> str:
+    """The name of a split: the dataset's checksum and what decides the split."""
+    return "-".join([f"format{FORMAT}", checksum[:20], *(f"{k}{v}" for k, v in sorted(settings.items()))])
+
+
 def load_split(key: str) -> tuple[np.ndarray, np.ndarray, float, float] | None:
     """(training indices, validation indices, pixel mean, pixel std), or None when not cached."""
     stored = _load(cache_dir() / f"split-{key}.npz", ("train_idx", "val_idx", "mean", "std"))
@@ -90,6 +95,7 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz",
                                          delete=False) as partial:
             np.savez(partial, **arrays)
+        os.chmod(partial.name, 0o644)  # readable by whoever shares the folder (mkstemp makes it 0600)
         os.replace(partial.name, path)
     except OSError:
         # A read-only checkout or a full disk: the next process decodes again, nothing else changes.

@@ -33,11 +33,11 @@ def configure_cpu_threads(workers: int = 1) -> int:
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively: any CUDA GPU torch runs on (older ones emulate
-    it in float32 at no loss), and CPUs with AVX-512 BF16 or AMX, where oneDNN's bfloat16 kernels
-    beat float32 ones. Other CPUs convert in software, which is slower than float32."""
+    """Whether ``device`` computes in bfloat16 natively: CUDA GPUs from Ampere on, and CPUs with
+    AVX-512 BF16 or AMX, where oneDNN's bfloat16 kernels beat float32 ones. Older GPUs and other
+    CPUs emulate it, which is slower than float32."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
     return device.type == "cpu" and any(getattr(cpu, check, lambda: False)() for check in checks)

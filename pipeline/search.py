@@ -43,8 +43,6 @@ STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, 
 RECONNECT_SECONDS = 120
 MAX_STORAGE_LOSSES = 3  # in a row, with no session round finished between them: not a blip, give up
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
-# A final-phase trial: which trial's configuration it retrains, and for how many epochs.
-FINAL_ATTRS = ("final_of", "final_epochs")
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -102,8 +100,9 @@ def _requeue_interrupted(study: optuna.Study) -> None:
     requeued = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in requeued:
-            final = {k: trial.user_attrs[k] for k in FINAL_ATTRS if k in trial.user_attrs}
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **final})
+            if "final_of" in trial.user_attrs:
+                continue  # an interrupted final phase runs again at the end of the next session, fitted to its time
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def quiet_optuna() -> None:
@@ -153,7 +152,7 @@ class Objective:
         tracker = self.new_tracker()
         checkpoint = self.checkpoint_for(trial, config)
         resumed = checkpoint.load()
-        epochs_run = resumed["epoch"] if resumed else 0
+        epochs_run = resumed_epochs = resumed["epoch"] if resumed else 0
         with self.deferred():
             trial.set_user_attr("max_epochs", config.epochs)  # what it runs unless pruned (--set may change it)
             trial.set_user_attr("worker", WORKER_NAME)  # which machine and process: sessions may share a study
@@ -213,7 +212,10 @@ class Objective:
             bar.close()  # before the trial's line is printed
             with self.deferred(raise_after=False):
                 trial.set_user_attr("epochs_run", epochs_run)
-                trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+                seconds = time.perf_counter() - started
+                trial.set_user_attr("seconds", round(seconds, 2))
+                if epochs_run > resumed_epochs:  # this run's pace, MLflow included: what a final phase plans with
+                    trial.set_user_attr("epoch_seconds", round(seconds / (epochs_run - resumed_epochs), 3))
                 _set_user_attrs(trial, tracker.trial_attributes())  # with its seconds inside MLflow calls
         with self.deferred(raise_after=False):
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -324,19 +326,24 @@ def _final_phase(session: Session, spec: StudySpec, study: optuna.Study, trial_t
         best = study.best_trial
     except ValueError:
         return  # no complete trial to retrain
-    if "final_of" in best.user_attrs or any(t.user_attrs.get("final_of") == best.number for t in trials):
-        return  # done already: the best is a final run, or its final run did not beat it
+    # Done already: the best is a final run, or one for it ran (a failed or interrupted one does not count).
+    if "final_of" in best.user_attrs or any(t.user_attrs.get("final_of") == best.number and t.state != TrialState.FAIL
+                                            for t in trials):
+        return
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     if waiting:  # Optuna runs queued trials oldest first: they come before a final run
         print(f"final phase: skipped, {waiting} queued trials still to run (the next session runs them, then "
               f"this phase)", flush=True)
         return
-    trained = best.user_attrs.get("epochs_run") or spec.max_epochs
-    pace = best.user_attrs.get("seconds", 0) / max(1, trained)  # seconds an epoch, MLflow included
+    pace = best.user_attrs.get("epoch_seconds")  # seconds an epoch, MLflow included
+    if not pace:
+        print(f"final phase: skipped, trial {best.number} did not record its pace (epoch_seconds)", flush=True)
+        return
     epochs = spec.final["max_epochs"]
-    if session.timeout is not None and pace > 0:
-        epochs = min(epochs, int((started + session.timeout - time.time()) / pace))
-    if epochs <= best.user_attrs.get("max_epochs", trained):
+    if session.timeout is not None:
+        epochs = min(epochs, max(0, int((started + session.timeout - time.time()) / pace)))
+    trained = best.user_attrs.get("max_epochs", spec.max_epochs)
+    if epochs <= trained:
         print(f"final phase: skipped, {epochs} epochs fit the time left and trial {best.number} ran "
               f"{trained}", flush=True)
         return
@@ -595,7 +602,11 @@ def format_summary(summary: dict) -> str:
         lines += [f"  {name} = {value}" for name, value in best["params"].items()]
     final = summary.get("final")
     if final:
-        verdict = "the study's best now" if final["val_accuracy"] > final["of_val_accuracy"] else "no better: not the candidate"
+        if summary["best_trial"]["number"] == final["number"]:
+            verdict = "the study's best"
+        else:
+            verdict = "better" if final["val_accuracy"] > final["of_val_accuracy"] else "no better"
+            verdict += f", but trial {summary['best_trial']['number']} is the study's best"
         lines.append(f"Final phase: trial {final['number']} retrained trial {final['of']} for {final['epochs']} epochs "
                      f"(it ran {final['of_epochs']}): {final['val_accuracy']:.2%} against {final['of_val_accuracy']:.2%}, "
                      f"{verdict}")

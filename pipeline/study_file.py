@@ -254,7 +254,7 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
             raise fail(f"enqueue[{i}].{outside[0]}", f"{values[outside[0]]!r} is outside the search space")
         enqueued.append(params)
 
-    warm_start = _settings(document, "warm_start", WARM_START_KEYS, fail)
+    warm_start = _optional_table(document, "warm_start", WARM_START_KEYS, fail)
     if warm_start is not None:
         if not isinstance(warm_start.get("study"), str) or not warm_start["study"]:
             raise fail("warm_start.study", "must name an earlier study in the same storage, e.g. \"cnn\"")
@@ -263,7 +263,7 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
         best = warm_start.setdefault("best", 3)
         if not _is_int(best) or best < 1:
             raise fail("warm_start.best", f"{best!r} must be a positive integer")
-    final = _settings(document, "final", FINAL_KEYS, fail)
+    final = _optional_table(document, "final", FINAL_KEYS, fail)
     if final is not None:
         if not _is_number(final.get("seconds")) or final["seconds"] <= 0:
             raise fail("final.seconds", f"{final.get('seconds')!r} must be a positive number of seconds")
@@ -360,7 +360,7 @@ def _component(document: dict, kind: str, registry: dict, default: str, fail) ->
     return settings
 
 
-def _settings(document: dict, key: str, allowed: set[str], fail) -> dict[str, Any] | None:
+def _optional_table(document: dict, key: str, allowed: set[str], fail) -> dict[str, Any] | None:
     if key not in document:
         return None
     settings = dict(_table(document, key, fail))

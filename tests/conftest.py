@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,18 +97,20 @@ def tiny_config() -> TrainConfig:
     return TrainConfig(hidden_sizes=(64, 32), epochs=2, batch_size=32, lr=3e-3, val_size=200)
 
 
-@pytest.fixture(scope="session")
-def data_cache_dir(tmp_path_factory) -> Path:
-    """One decoded-dataset cache for the whole run: the first test to load the real dataset fills it."""
-    return tmp_path_factory.mktemp("data-cache")
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """One decoded-dataset cache for the whole run, never data/cache/: set before any session
+    fixture loads a dataset; the first test to load the real dataset fills it."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    with pytest.MonkeyPatch.context() as session_patch:
+        session_patch.setenv("FASHION_MNIST_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
-def _isolated_mlflow_store(tmp_path, monkeypatch, data_cache_dir):
+def _isolated_mlflow_store(tmp_path, monkeypatch):
     """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/,
-    keeps its trials' checkpoints in its own folder, never studies/checkpoints/, and caches decoded
-    datasets outside data/."""
-    monkeypatch.setenv("FASHION_MNIST_CACHE_DIR", str(data_cache_dir))
+    and keeps its trials' checkpoints in its own folder, never studies/checkpoints/."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")

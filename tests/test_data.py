@@ -226,3 +226,19 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, synthetic_dir, 
     split = make_splits(again, val_size=200)
     assert torch.equal(split.val_labels, make_splits(synthetic_dataset, val_size=200).val_labels)
     assert all(e.stat().st_size > 1000 for e in entries)  # rewritten whole
+
+
+def test_a_cache_entry_whose_arrays_do_not_match_the_files_is_not_served(tmp_path, monkeypatch, synthetic_dir,
+                                                                         synthetic_dataset):
+    import numpy as np
+
+    monkeypatch.setenv(data_cache.ENV_VAR, str(tmp_path / "cache"))
+    load_fashion_mnist(synthetic_dir, custom=True)
+    (entry,) = (tmp_path / "cache").glob("decoded-*.npz")
+    with np.load(entry) as stored:
+        forged = {name: stored[name] for name in stored.files}
+    forged["train_images"] = forged["train_images"].copy()
+    forged["train_images"][0] = 255  # other data under the same file digests
+    np.savez(entry, **forged)
+    again = load_fashion_mnist(synthetic_dir, custom=True)
+    assert torch.equal(again.train_images, synthetic_dataset.train_images)
