@@ -88,7 +88,7 @@ smoke: data ## the whole chain on a shrunk budget in throwaway stores: train, tu
 	$(PY) -m pipeline evaluate-best --reports-dir "$$scratch/reports" && \
 	echo "== smoke: every stage ran"
 
-bench: data ## trainer vs the notebook's loop, time to 90.30 % test accuracy, MLflow's cost to a study
+bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test from the command, MLflow's cost
 	$(PY) benchmarks/bench_train.py $(ARGS)
 	$(PY) benchmarks/bench_tracking.py
 
