@@ -344,3 +344,23 @@ def test_the_gpu_study_runs_a_trial_on_the_cpu_when_shrunk(tmp_path, synthetic_e
     assert trial.state == TrialState.COMPLETE and trial.params == load_study("cnn-gpu").enqueue[0]
     assert summary["best_trial"]["number"] == 0
     assert "no study 'cnn'" in capsys.readouterr().out  # its warm start had nothing to start from
+
+
+def test_an_interrupted_final_phase_is_run_again_at_the_end_not_queued_with_its_old_length(tmp_path, synthetic_env):
+    # Ctrl-C during a final-phase trial: the next session re-queues ordinary interrupted trials first
+    # thing, but a final one waits for that session's own final phase, fitted to its time.
+    spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 4")
+    enqueue(tmp_path, "mlp", LEARNS)
+    first = dataclasses.replace(session(tmp_path, trials=1, epochs=2), study_file=spec_file)
+    run_session(first)  # one searched trial, no final phase yet
+    study = load(tmp_path)
+    best = study.trials[0]
+    interrupted = study.ask()  # as the final phase would have started it, then Ctrl-C
+    for key, value in {"final_of": best.number, "final_epochs": 4, "interrupted": True}.items():
+        interrupted.set_user_attr(key, value)
+    study.tell(interrupted, state=TrialState.FAIL)
+    summary = run_session(dataclasses.replace(first, final_phase=True))
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "retry_of" not in trials[2].user_attrs and trials[2].user_attrs["final_of"] == best.number
+    assert summary["final"]["number"] == 2
