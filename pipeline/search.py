@@ -100,7 +100,7 @@ def _requeue_interrupted(study: optuna.Study) -> None:
     requeued = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in requeued:
-            if "final_of" in trial.user_attrs:
+            if is_final_run(trial):
                 continue  # an interrupted final phase runs again at the end of the next session, fitted to its time
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
@@ -173,7 +173,7 @@ class Objective:
                 tracker.log_epoch(metrics)
                 trial.report(metrics.val_accuracy, epoch)
                 # A final-phase trial's stretched schedule is behind shorter trials mid-way, by design.
-                prune = "final_of" not in trial.user_attrs and trial.should_prune()
+                prune = not is_final_run(trial) and trial.should_prune()
                 if prune:
                     tracker.pruned(epoch)
             if prune:
@@ -308,6 +308,11 @@ def run_session(session: Session, tracker=None) -> dict:
     return summary
 
 
+def is_final_run(trial) -> bool:
+    """Whether ``trial`` (running or frozen) is a final-phase run: a trial's configuration retrained longer."""
+    return "final_of" in trial.user_attrs
+
+
 def _search_timeout(session: Session, spec: StudySpec) -> float | None:
     """The session's timeout less what the final phase keeps for itself (at most half of it)."""
     if session.timeout is None or not (spec.final and session.final_phase):
@@ -327,7 +332,7 @@ def _final_phase(session: Session, spec: StudySpec, study: optuna.Study, trial_t
     except ValueError:
         return  # no complete trial to retrain
     # Done already: the best is a final run, or one for it ran (a failed or interrupted one does not count).
-    if "final_of" in best.user_attrs or any(t.user_attrs.get("final_of") == best.number and t.state != TrialState.FAIL
+    if is_final_run(best) or any(t.user_attrs.get("final_of") == best.number and t.state != TrialState.FAIL
                                             for t in trials):
         return
     waiting = sum(t.state == TrialState.WAITING for t in trials)
@@ -582,7 +587,7 @@ def summarize(study: optuna.Study, spec: StudySpec, *, seconds: float) -> dict:
         summary["best_trial"] = {"number": best.number, "val_accuracy": best.value, "params": best.params,
                                  "best_epoch": best.user_attrs.get("best_epoch"),
                                  "final_of": best.user_attrs.get("final_of")}
-    finals = [t for t in complete if "final_of" in t.user_attrs]
+    finals = [t for t in complete if is_final_run(t)]
     if finals:
         final = finals[-1]
         retrained = next(t for t in trials if t.number == final.user_attrs["final_of"])
