@@ -11,11 +11,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 ARGS ?=
-STUDY ?= mlp
-WORKERS ?= 1
-DASHBOARD_PORT ?= 8080
-UI_PORT ?= 5000
-SERVE_PORT ?= 5001
+# STUDY, TRIALS, TIMEOUT, WORKERS and the *_PORT variables are passed on only when set: their
+# defaults live once, in `python -m pipeline <command> --help`.
 export MLFLOW_DISABLE_TELEMETRY = true
 ifdef STORAGE
 export OPTUNA_STORAGE = $(STORAGE)
@@ -42,8 +39,8 @@ data: $(INSTALLED) ## make Fashion-MNIST available and verify it
 train: data ## train the notebook's MLP once and report train/validation/test accuracy (ARGS="--set lr=0.003")
 	$(PY) -m pipeline train $(ARGS)
 
-tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
-	@$(PY) -m pipeline tune --study $(STUDY) --workers $(WORKERS) \
+tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn|cnn-gpu TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
+	@$(PY) -m pipeline tune $(if $(STUDY),--study $(STUDY)) $(if $(WORKERS),--workers $(WORKERS)) \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
 
 evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
@@ -52,14 +49,14 @@ evaluate-best: data ## the champion on the test set: terminal report, reports/<m
 compare: $(INSTALLED) ## studies side by side: table, reports/compare.html, MLflow run (STUDIES="mlp cnn", STORAGE=url)
 	@$(PY) -m pipeline compare $(STUDIES) $(ARGS)
 
-dashboard: $(INSTALLED) ## optuna-dashboard for every study on 127.0.0.1 (DASHBOARD_PORT=8080, STORAGE=url)
-	@$(PY) -m pipeline dashboard --port $(DASHBOARD_PORT)
+dashboard: $(INSTALLED) ## optuna-dashboard for every study, on 127.0.0.1 (DASHBOARD_PORT=n, STORAGE=url)
+	@$(PY) -m pipeline dashboard $(if $(DASHBOARD_PORT),--port $(DASHBOARD_PORT))
 
-ui: $(INSTALLED) ## the MLflow UI on the tracking store, at 127.0.0.1 (UI_PORT=5000)
-	@$(PY) -m pipeline ui --port $(UI_PORT)
+ui: $(INSTALLED) ## the MLflow UI on the tracking store, on 127.0.0.1 (UI_PORT=n)
+	@$(PY) -m pipeline ui $(if $(UI_PORT),--port $(UI_PORT))
 
-serve: $(INSTALLED) ## the champion behind MLflow's scoring server at 127.0.0.1 (SERVE_PORT=5001)
-	@$(PY) -m pipeline serve --port $(SERVE_PORT)
+serve: $(INSTALLED) ## the champion behind MLflow's scoring server, on 127.0.0.1 (SERVE_PORT=n)
+	@$(PY) -m pipeline serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 services: $(INSTALLED) ## local PostgreSQL + MLflow tracking server on 127.0.0.1; prints the exports (PG_PORT, MLFLOW_PORT)
 	@$(PY) -m pipeline services start $(if $(PG_PORT),--pg-port $(PG_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
@@ -76,12 +73,12 @@ test: data ## run the test suite (includes the real-data and slow tests)
 test-fast: data ## the quick tier: no slow or real-data tests (under a minute)
 	$(PY) -m pytest -m 'not slow and not real_data' $(ARGS)
 
-smoke: data ## the whole chain on a shrunk budget in throwaway stores: train, tune, registry, evaluate-best
+smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final phase, registry, evaluate-best
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 	export MLFLOW_TRACKING_URI="sqlite:///$$scratch/mlflow.db" && \
 	echo "== train: 1 epoch on 2,000 images" && \
 	$(PY) -m pipeline train --epochs 1 --set train_subset=2000 && \
-	echo "== tune: the mlp study, 1 trial of 1 epoch on 2,000 images" && \
+	echo "== tune: the mlp study, 1 trial of 1 epoch on 2,000 images, then its final phase (that trial retrained, up to 60 epochs)" && \
 	$(PY) -m pipeline tune --study mlp --trials 1 --storage "sqlite:///$$scratch/optuna.db" \
 		--set epochs=1 --set train_subset=2000 && \
 	echo "== evaluate-best: the champion it promoted, on the test set" && \

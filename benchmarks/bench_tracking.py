@@ -50,19 +50,20 @@ def short_study_file(folder: Path, *, trials: int, epochs: int) -> str:
 def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool) -> tuple[float, dict]:
     """One session in fresh stores under ``folder``, wired as the CLI wires `make tune` (with or without
     tracking); returns its wall time and summary."""
-    from pipeline.search import Session, run_session
+    from pipeline.search.session import Session, run_session
+    from pipeline.search.study_file import load_study
     from pipeline.stores import configure_mlflow
     from pipeline.tracking import session_tracker
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    session = Session(study_file, f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None)
+    session = Session(load_study(study_file), f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None)
     if tracking:
         import mlflow
 
         configure_mlflow()
         mlflow.MlflowClient().search_experiments()  # creates the store's tables
     started = time.perf_counter()
-    summary = run_session(session, session_tracker(session.load_spec(), session.storage, enabled=tracking))
+    summary = run_session(session, session_tracker(session.spec, session.storage, enabled=tracking))
     return time.perf_counter() - started, summary
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.device import configure_cpu_threads
-    from pipeline.study_file import load_study
+    from pipeline.search.study_file import load_study
 
     configure_cpu_threads()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from notebook_script import notebook_epoch  # beside this file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-from notebook_script import notebook_epoch  # beside this file
 from pipeline.config import NOTEBOOK_TEST_ACCURACY, TrainConfig
 from pipeline.data import load_fashion_mnist, make_splits, verified_torchvision_root
 from pipeline.device import configure_cpu_threads, pick_device

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
 from pipeline.paths import STUDIES_DIR
+from pipeline.stores import first_line
 
 CHECKPOINT_DIR_ENV = "CHECKPOINT_DIR"
 
@@ -49,7 +51,10 @@ class TrialCheckpoint:
             if path.exists():
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception:  # a file cut short when its writer was killed: start over
+                except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+                    # Cut short or damaged (saves are atomic, so a disk or hand did it): say so, try the next.
+                    print(f"note: checkpoint {path} cannot be read ({type(error).__name__}: {first_line(error)}); "
+                          f"not resuming from it", flush=True)
                     continue
                 if state.get("identity") != self.identity:
                     continue

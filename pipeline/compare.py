@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 
 from pipeline.paths import REPORTS_DIR
 from pipeline.progress import clock
+from pipeline.search import attrs
+from pipeline.search.summary import epoch_counts
 
 NEAR_BEST = 0.002  # "came within 0.2 points of its own best"
 
@@ -46,8 +48,6 @@ def study_names(storage) -> list[str]:
 
 
 def describe(study: optuna.Study) -> StudyRecord:
-    from pipeline.search import epoch_counts
-
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
     trials.sort(key=lambda t: t.datetime_complete)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
@@ -56,17 +56,17 @@ def describe(study: optuna.Study) -> StudyRecord:
     curve, best, epochs_spent = [], None, 0
     for trial in trials:
         # Epochs spent by every trial that has ended, failed ones too: what the study has paid so far.
-        epochs_spent += trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        epochs_spent += trial.user_attrs.get(attrs.EPOCHS_RUN, len(trial.intermediate_values))
         if trial.state == TrialState.COMPLETE and (best is None or (trial.value > best) == maximize):
             best = trial.value
         if best is not None:
             curve.append((_busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
     epochs_run, epochs_unpruned = epoch_counts(trials)
     near = next(((s, e) for s, e, b in curve if abs(best - b) <= NEAR_BEST + 1e-12), (None, None)) if curve else (None, None)
-    attrs = study.user_attrs
+    about = study.user_attrs
     return StudyRecord(
-        study=study.study_name, model_family=attrs.get("model_family", "?"), sampler=attrs.get("sampler", "?"),
-        pruner=attrs.get("pruner", "?"), best_val_accuracy=best, complete=counts[TrialState.COMPLETE],
+        study=study.study_name, model_family=about.get(attrs.STUDY_MODEL_FAMILY, "?"),
+        sampler=about.get(attrs.STUDY_SAMPLER, "?"), pruner=about.get(attrs.STUDY_PRUNER, "?"), best_val_accuracy=best, complete=counts[TrialState.COMPLETE],
         pruned=counts[TrialState.PRUNED], failed=counts[TrialState.FAIL], epochs_run=epochs_run,
         epochs_unpruned=epochs_unpruned, wall_seconds=_busy_seconds(spans), seconds_to_near_best=near[0],
         epochs_to_near_best=near[1], curve=curve,
@@ -127,7 +127,7 @@ def comparison_page(records: list[StudyRecord]) -> str:
 
 def compare(storage, names: list[str] | None = None) -> list[StudyRecord]:
     """One record per study (every study in the storage by default), in the order asked."""
-    from pipeline.study_file import StudyFileError
+    from pipeline.search.study_file import StudyFileError
 
     known = study_names(storage)
     if not known:
@@ -154,7 +154,7 @@ def log_comparison(records: list[StudyRecord], page_path) -> str:
 
     import mlflow
 
-    from pipeline.tracking import ensure_experiment, log_values
+    from pipeline.experiments import ensure_experiment, log_values
 
     client = mlflow.MlflowClient()
     run = client.create_run(ensure_experiment("compare"), run_name=f"compare {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from pipeline.errors import PipelineError
+
 ModelFamily = Literal["mlp", "cnn"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["onecycle", "cosine", "plateau", "none"]
@@ -20,7 +22,7 @@ PrecisionName = Literal["auto", "float32", "bfloat16"]
 NOTEBOOK_TEST_ACCURACY = 0.9030  # the notebook's MLP: the figure every trained model is compared with
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration key is unknown or its value is out of range; the message names the key."""
 
 
@@ -86,6 +88,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Fields that only one model family reads: a study that fixes the other family and searches them
+# would spend its trials on values that change nothing.
+FAMILY_FIELDS = {
+    "mlp": frozenset({"hidden_sizes", "batch_norm"}),
+    "cnn": frozenset({"cnn_channels", "cnn_convs_per_stage", "cnn_residual", "cnn_head_width"}),
+}
+
+
+def fields_unused_by(model: str) -> dict[str, str]:
+    """The fields the ``model`` family ignores, each with the family that reads it."""
+    return {name: family for family, names in FAMILY_FIELDS.items() if family != model for name in names}
 
 
 def field_names() -> set[str]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data_cache
+from pipeline.errors import PipelineError
 from pipeline.paths import DATA_DIR as REPO_DATA_DIR
 
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -60,7 +61,7 @@ FIX = (
 )
 
 
-class DatasetError(RuntimeError):
+class DatasetError(PipelineError):
     """The dataset is missing, truncated or corrupt. The message says where and how to fix it."""
 
 

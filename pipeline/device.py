@@ -6,14 +6,34 @@ import os
 
 import torch
 
+from pipeline.errors import PipelineError
+
+
+class DeviceError(PipelineError):
+    """The device asked for is not a device, or not on this machine."""
+
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` takes the GPU when there is one; ``cpu`` and ``cuda[:N]`` are taken as given."""
+    """``auto`` takes the GPU when there is one; ``cpu`` and ``cuda[:N]`` are taken as given, and
+    checked: a device this machine does not have is one DeviceError, not a failure mid-training."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} was asked for, but torch sees no CUDA device")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"--device {requested!r} is not a device. Fix: auto (a GPU when there is one), cpu, "
+                          f"cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"--device {requested}: this project trains on a CPU or a CUDA GPU only. Fix: auto, "
+                          f"cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {requested} was asked for, but torch sees no CUDA GPU on this machine. "
+                          f"Fix: --device cpu, or --device auto (the GPU when there is one)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered from 0. Fix: cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or cuda")
     return device
 
 

@@ -101,7 +101,7 @@ def log_evaluation_run(result: dict, folder: Path) -> str:
     the version gets `test_accuracy` and `evaluation_run_id` tags."""
     import mlflow
 
-    from pipeline.tracking import ensure_experiment, log_confusion_matrix, log_values
+    from pipeline.experiments import ensure_experiment, log_confusion_matrix, log_values
 
     client = mlflow.MlflowClient()
     experiment_id = ensure_experiment(result["study"] or "evaluation")

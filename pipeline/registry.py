@@ -8,12 +8,14 @@ data, and one trained on the official Fashion-MNIST displaces a champion trained
 
 from __future__ import annotations
 
+from pipeline.errors import PipelineError
+
 REGISTERED_MODEL = "fashion-mnist-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
 VAL_ACCURACY_TAG = "val_accuracy"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(PipelineError):
     """The registry, the model or the alias cannot be found or reached; the message gives the fix."""
 
 
@@ -115,7 +117,9 @@ def promote_best_trial(study) -> dict | None:
         best = study.best_trial
     except ValueError:  # no complete trial
         return None
-    model_uri, run_id = best.user_attrs.get("model_uri"), best.user_attrs.get("mlflow_run_id")
+    from pipeline.search import attrs
+
+    model_uri, run_id = best.user_attrs.get(attrs.MODEL_URI), best.user_attrs.get(attrs.MLFLOW_RUN_ID)
     if not model_uri:
         return None
     version = register(model_uri, run_id, val_accuracy=best.value, study=study.study_name, trial=best.number)
@@ -126,6 +130,8 @@ def promote_best_trial(study) -> dict | None:
 def resolve_version(name: str, *, alias: str | None, version: int | None):
     """The model version an alias or number names, with one clear error for each way it can be missing."""
     import mlflow
+    import requests
+    import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
     from pipeline.stores import first_line, redact
@@ -140,9 +146,13 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
                                 f"registers the best model), or set MLFLOW_TRACKING_URI to the store that has it.") from None
         raise RegistryError(f"cannot read the model registry at {uri}: {first_line(error)}. Fix: check "
                             f"MLFLOW_TRACKING_URI (is the server running?).") from None
-    except Exception as error:  # connection refused, DNS, ... (raised by the REST client)
+    except (OSError, requests.exceptions.RequestException) as error:  # refused, DNS, timeout (the REST client)
         raise RegistryError(f"cannot reach the tracking server at {uri}: {first_line(error)}. Fix: start it, "
                             f"or set MLFLOW_TRACKING_URI to a reachable one.") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:  # a local store that is not an MLflow database
+        raise RegistryError(f"cannot read the tracking database {uri}: {first_line(getattr(error, 'orig', error))}. "
+                            f"Fix: point MLFLOW_TRACKING_URI at an MLflow store (unset it for mlruns/mlflow.db)"
+                            ) from None
     try:
         if version is not None:
             return client.get_model_version(name, str(version))

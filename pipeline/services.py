@@ -20,10 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+from pipeline.network import free_port, health_answer
 from pipeline.paths import REPO_ROOT
 
 SERVICES_DIR_ENV = "SERVICES_DIR"
@@ -35,7 +36,7 @@ MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SERVER_START_SECONDS = 180  # the first start creates MLflow's tables (about 20 s on 2 cores)
 
 
-class ServicesError(RuntimeError):
+class ServicesError(PipelineError):
     """A service cannot start or be found; the message names it and the fix."""
 
 
@@ -153,9 +154,9 @@ class Services:
 
     def server_healthy(self, state: dict | None = None) -> bool:
         try:
-            urllib.request.urlopen(f"{self.tracking_uri(state)}/health", timeout=2).close()
+            health_answer(self.tracking_uri(state), timeout=2)
             return True
-        except (OSError, KeyError):
+        except (OSError, ValueError, KeyError):
             return False
 
     def start_server(self, state: dict, host: str) -> None:
@@ -191,8 +192,11 @@ class Services:
             return
         try:
             os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            return
+        except ProcessLookupError:
+            return  # it ended by itself meanwhile
+        except PermissionError:
+            raise ServicesError(f"cannot stop the MLflow server (process {pid}): it belongs to another user. "
+                                f"Fix: stop it as that user (kill {pid}), or with sudo") from None
         for _ in range(100):
             if self.server_pid() is None:
                 return
@@ -295,16 +299,3 @@ def _run_as_postgres(command: list[str], *, check: bool = True) -> subprocess.Co
         name = Path(command[0]).name
         raise ServicesError(f"{name} failed: {(result.stderr or result.stdout).strip()[-800:]}")
     return result
-
-
-def free_port(preferred: int) -> int:
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise ServicesError("no free port on 127.0.0.1")

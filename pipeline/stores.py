@@ -11,10 +11,9 @@ import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 import warnings
 
+from pipeline.errors import PipelineError
 from pipeline.paths import MLRUNS_DIR, STUDIES_DIR
 
 STORAGE_ENV = "OPTUNA_STORAGE"
@@ -25,6 +24,8 @@ HEARTBEAT_ENV = "OPTUNA_HEARTBEAT_SECONDS"
 HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for 3 intervals is failed and retried
 CONNECT_TIMEOUT_SECONDS = 5  # a database host that does not answer is reported, not waited on for minutes
 SERVER_PROBE_SECONDS = 5  # how long to wait for a tracking server before saying it is not there
+# scheme://user:PASSWORD@ - up to the last @ before the host, since a password may hold a /.
+URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/:@]*):([^@]*)@", flags=re.IGNORECASE)
 
 
 def storage_url(requested: str | None = None) -> str:
@@ -44,7 +45,7 @@ def is_server(uri: str) -> bool:
 def redact(url: str) -> str:
     """The URL with its password replaced by ***, for anything printed or logged: the one after
     `user:` (up to the last @ before the host; a password may hold a /) and a `password=` query."""
-    url = re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^@]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    url = URL_PASSWORD.sub(r"\1:***@", url)
     return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
@@ -127,11 +128,11 @@ def first_line(error) -> str:
 
 
 def _hide_password(url: str, text: str) -> str:
-    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/:@]*:([^@]+)@", url, flags=re.IGNORECASE)
-    return text.replace(match.group(1), "***") if match else text
+    match = URL_PASSWORD.match(url)
+    return text.replace(match.group(2), "***") if match and match.group(2) else text
 
 
-class StorageError(RuntimeError):
+class StorageError(PipelineError):
     """The Optuna storage cannot be opened; the message names it (password masked) and the fix."""
 
 
@@ -177,7 +178,7 @@ def _serialize_sqlite(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class TrackingServerError(RuntimeError):
+class TrackingServerError(PipelineError):
     """$MLFLOW_TRACKING_URI names a server that does not answer; the message gives the fix."""
 
 
@@ -202,10 +203,10 @@ def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> No
     """Fail in seconds when the tracking server is down. MLflow's REST client retries a refused
     connection with backoff for about four minutes before it gives up: right for a blip in a long
     study, wrong for a typo in the URI. Any HTTP answer (even 401 from a proxy) counts as there."""
+    from pipeline.network import health_answer
+
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
+        health_answer(uri, timeout)
     except (OSError, ValueError) as error:  # refused, DNS, timeout, a malformed URI
         reason = getattr(error, "reason", error)
         raise TrackingServerError(

@@ -9,89 +9,15 @@ CLI decides which tracker it gets.
 from __future__ import annotations
 
 import functools
-import json
-import platform
-import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
-
-import numpy as np
 
 from pipeline.config import TrainConfig
-from pipeline.data import CLASSES, Splits
-from pipeline.paths import REPO_ROOT
+from pipeline.data import Splits
+from pipeline.experiments import ensure_experiment, environment_tags, log_confusion_matrix, log_values
+from pipeline.search import attrs
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
-
-PACKAGES = ("torch", "torchvision", "optuna", "mlflow", "numpy", "scikit-learn")
-# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it. With a SQLite store its artifacts go beside the database
-    (mlruns/artifacts/<name> for the default one), not wherever the command ran. Two processes
-    creating it at once race; the loser finds the winner's."""
-    from pathlib import Path
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    for _ in range(5):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed get it too
-                if experiment.tags.get(key) != value:
-                    client.set_experiment_tag(experiment.experiment_id, key, value)
-            return experiment.experiment_id
-        uri = mlflow.get_tracking_uri()
-        location = None  # a tracking server decides for itself
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts" / name).as_uri()
-        try:
-            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
-        except MlflowException:
-            time.sleep(0.2)
-    raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
-
-
-def environment_tags() -> dict[str, str]:
-    """Where a run ran: platform, Python, package versions and the git commit."""
-    tags = {"platform": platform.platform(), "python": platform.python_version()}
-    tags.update({f"version.{name}": version(name) for name in PACKAGES})
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        tags["git_commit"] = commit or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        tags["git_commit"] = "unknown"
-    return tags
-
-
-def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, params: dict | None = None) -> None:
-    """Metrics (and parameters) in one batched call: one call per metric costs about 8 ms on SQLite."""
-    from mlflow.entities import Metric, Param
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
-                     params=[Param(k, param_value(v)) for k, v in (params or {}).items()])
-
-
-def log_confusion_matrix(client, run_id: str, matrix, title: str, stem: str) -> None:
-    """<stem>.png, the heatmap as an image, and <stem>.json, the counts. An image, not plotly HTML:
-    the HTML ``log_figure`` writes loads plotly.js from a CDN (blank in an offline UI), and inlining it
-    costs 3.5 MB a file."""
-    from pipeline.figures import confusion_matrix_matplotlib
-
-    matrix = np.asarray(matrix)
-    client.log_figure(run_id, confusion_matrix_matplotlib(matrix, title), f"{stem}.png")
-    client.log_dict(run_id, {"classes": list(CLASSES), "counts": matrix.tolist()}, f"{stem}.json")
-
-
-def param_value(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _timed(method):
@@ -142,7 +68,7 @@ class TrialTracker:
 
     def trial_attributes(self) -> dict:
         """What the Optuna trial records of its run: the run's id and the seconds spent in MLflow calls."""
-        return {"mlflow_run_id": self.run_id, "tracking_seconds": round(self.seconds, 2)}
+        return {attrs.MLFLOW_RUN_ID: self.run_id, attrs.TRACKING_SECONDS: round(self.seconds, 2)}
 
     @_timed
     def log_epoch(self, metrics: EpochMetrics) -> None:
@@ -205,7 +131,7 @@ class TrialTracker:
 
 
 class NullTrialTracker:
-    """Tracking off: the same methods, doing nothing."""
+    """Tracking off: a trial tracker with the same methods, doing nothing."""
 
     def start(self, trial_number, config, sampled, tags):
         return None
@@ -225,8 +151,14 @@ class NullTrialTracker:
     def failed(self, reason):
         pass
 
-    @staticmethod
-    def stale_trial(study, trial, reason=None):
+
+class NullTrialTrackers:
+    """Tracking off: makes NullTrialTrackers, and has no runs to mark when a trial goes stale."""
+
+    def __call__(self) -> NullTrialTracker:
+        return NullTrialTracker()
+
+    def stale_trial(self, study, trial, reason=None):
         pass
 
 
@@ -248,7 +180,7 @@ class TrialTrackers:
         its MLflow run FAILED, so that no run stays RUNNING forever. Called by whichever worker fails it."""
         import mlflow
 
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(attrs.MLFLOW_RUN_ID)
         if not run_id:
             return
         try:
@@ -351,7 +283,7 @@ class NullSessionTracker:
         return {}
 
     def trial_trackers(self):
-        return NullTrialTracker
+        return NullTrialTrackers()
 
     def promote(self, study):
         return None

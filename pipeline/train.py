@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data import Splits, augment, shuffled_batches
 from pipeline.device import training_dtype
+from pipeline.errors import PipelineError
 from pipeline.models import FlipAveraged, build_model
 
 PREDICT_BATCH_SIZE = 2048  # images per forward pass when predicting; bounds activation memory, not a hyperparameter
@@ -60,7 +61,7 @@ class TrainResult:
         return self.model.model if self.flip_averaged else self.model
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(PipelineError, FloatingPointError):
     """The training loss became NaN or infinite: the run cannot recover, so it stops."""
 
     def __init__(self, epoch: int, loss: float):

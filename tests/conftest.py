@@ -60,11 +60,9 @@ def write_dataset(folder: Path, *, compress: bool = True, seed: int = 0, per_cla
 
 def free_port() -> int:
     """A loopback port nothing listens on (yet): for a server a test starts, or one that must be down."""
-    import socket
+    from pipeline.network import free_port as any_free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return any_free_port()
 
 
 @pytest.fixture(scope="session")

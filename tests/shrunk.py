@@ -13,7 +13,8 @@ import warnings
 
 import optuna
 
-from pipeline.search import Session
+from pipeline.search.session import Session
+from pipeline.search.study_file import load_study
 from pipeline.tracking import session_tracker
 
 SYNTHETIC = {"val_size": "200"}  # the synthetic dataset has 600 training images
@@ -35,13 +36,14 @@ def settings(epochs: int, **more) -> tuple[tuple[str, str], ...]:
 def session(folder, study: str = "mlp", *, trials: int, epochs: int = 3, timeout=None, workers: int = 1,
             final_phase: bool = False, **more) -> Session:
     """The study's final phase (its best trial retrained for up to 60 epochs) is off unless asked for."""
-    return Session(study, storage_in(folder), target_trials=trials, timeout=timeout, workers=workers, device="cpu",
-                   settings=settings(epochs, **more), final_phase=final_phase)
+    spec = load_study(study).with_settings(dict(settings(epochs, **more)))
+    return Session(spec, storage_in(folder), target_trials=trials, timeout=timeout, workers=workers, device="cpu",
+                   final_phase=final_phase)
 
 
 def tracker_for(session: Session):
     """The MLflow session tracker the CLI would wire for this session."""
-    return session_tracker(session.load_spec(), session.storage)
+    return session_tracker(session.spec, session.storage)
 
 
 def enqueue(folder, study: str, *trials: dict) -> None:

@@ -10,6 +10,7 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.__main__ import main
+from pipeline.search import attrs
 from tests.conftest import idx_bytes, write_dataset
 from tests.shrunk import session
 
@@ -84,9 +85,10 @@ def test_a_damaged_custom_dataset_is_one_line_naming_it(tmp_path, capsys, monkey
 
 
 def test_an_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path, synthetic_env, monkeypatch):
-    import pipeline.search as search
+    import pipeline.search.objective as objective
+    from pipeline.search.session import run_session
 
-    real_train, calls = search.train, []
+    real_train, calls = objective.train, []
 
     def out_of_memory_once(config, *args, **kwargs):
         calls.append(config)
@@ -94,16 +96,16 @@ def test_an_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path, synt
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_train(config, *args, **kwargs)
 
-    monkeypatch.setattr(search, "train", out_of_memory_once)
-    summary = search.run_session(session(tmp_path, trials=2, epochs=1))
+    monkeypatch.setattr(objective, "train", out_of_memory_once)
+    summary = run_session(session(tmp_path, trials=2, epochs=1))
     states = summary["states"]
     assert states["FAIL"] == 1 and states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
     import optuna
 
     failed = optuna.load_study(study_name="mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials(
         states=(TrialState.FAIL,))
-    assert failed[0].user_attrs["fail_reason"].startswith("out of memory (CUDA out of memory. Tried to allocate")
-    assert "lower batch_size" in failed[0].user_attrs["fail_reason"]
+    assert failed[0].user_attrs[attrs.FAIL_REASON].startswith("out of memory (CUDA out of memory. Tried to allocate")
+    assert "lower batch_size" in failed[0].user_attrs[attrs.FAIL_REASON]
     assert len(calls) == 3  # the study went on to its two finished trials
 
 

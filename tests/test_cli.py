@@ -162,10 +162,9 @@ def test_make_hands_storage_to_python_in_the_environment_never_on_a_command_line
 
 def run_on_a_terminal(command: list[str], env: dict, timeout: float = 300) -> str:
     """Run ``command`` with a pseudo-terminal as its stdout and stderr, as in a shell; return what it wrote."""
+    import fcntl
     import pty
     import select
-
-    import fcntl
     import struct
     import termios
 

@@ -10,6 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.__main__ import main
+from pipeline.search import attrs
 from pipeline.stores import open_storage
 
 T0 = datetime.datetime(2026, 11, 25, 12, 0, 0)
@@ -20,7 +21,7 @@ def trial(state, start, end, *, value=None, epochs, max_epochs=5):
         number=0, trial_id=0, state=state, value=value, values=None,
         datetime_start=T0 + datetime.timedelta(seconds=start), datetime_complete=T0 + datetime.timedelta(seconds=end),
         params={"lr": 0.001}, distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)},
-        user_attrs={"epochs_run": epochs, "max_epochs": max_epochs}, system_attrs={},
+        user_attrs={attrs.EPOCHS_RUN: epochs, attrs.MAX_EPOCHS: max_epochs}, system_attrs={},
         intermediate_values={e: 0.5 for e in range(1, epochs + 1)})
 
 
@@ -29,7 +30,7 @@ def storage_url(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     storage = open_storage(url)
     tpe = optuna.create_study(study_name="tpe-median", storage=storage, direction="maximize")
-    tpe.set_user_attr("model_family", "mlp"), tpe.set_user_attr("sampler", "tpe"), tpe.set_user_attr("pruner", "median")
+    tpe.set_user_attr(attrs.STUDY_MODEL_FAMILY, "mlp"), tpe.set_user_attr(attrs.STUDY_SAMPLER, "tpe"), tpe.set_user_attr(attrs.STUDY_PRUNER, "median")
     for t in (trial(TrialState.COMPLETE, 0, 60, value=0.80, epochs=5),
               trial(TrialState.PRUNED, 60, 80, epochs=2),
               trial(TrialState.COMPLETE, 80, 140, value=0.85, epochs=5),
@@ -37,8 +38,8 @@ def storage_url(tmp_path):
         tpe.add_trial(t)
     # Two workers: the trials overlap from 50 s to 100 s, so the busy wall time is 150 s, not 200 s.
     random = optuna.create_study(study_name="random-none", storage=storage, direction="maximize")
-    random.set_user_attr("model_family", "cnn"), random.set_user_attr("sampler", "random")
-    random.set_user_attr("pruner", "none")
+    random.set_user_attr(attrs.STUDY_MODEL_FAMILY, "cnn"), random.set_user_attr(attrs.STUDY_SAMPLER, "random")
+    random.set_user_attr(attrs.STUDY_PRUNER, "none")
     for t in (trial(TrialState.COMPLETE, 0, 100, value=0.83, epochs=5),
               trial(TrialState.COMPLETE, 50, 150, value=0.849, epochs=5)):
         random.add_trial(t)

@@ -9,7 +9,13 @@ import torch
 
 from pipeline import data, data_cache
 from pipeline.data import (
-    DatasetError, FashionMNIST, augment, load_fashion_mnist, make_splits, normalize, shuffled_batches,
+    DatasetError,
+    FashionMNIST,
+    augment,
+    load_fashion_mnist,
+    make_splits,
+    normalize,
+    shuffled_batches,
 )
 from tests.conftest import PER_CLASS_TEST, PER_CLASS_TRAIN, write_dataset
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.evaluate import evaluate_registered
 from pipeline.registry import REGISTERED_MODEL, RegistryError
-from pipeline.search import run_session
+from pipeline.search.session import run_session
 from tests.conftest import free_port
 from tests.shrunk import LEARNS, enqueue, session, tracker_for
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.interrupts import InterruptGate
+from pipeline.search.interrupts import InterruptGate
 
 
 class InterruptingSampler(optuna.samplers.RandomSampler):

@@ -11,10 +11,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import Objective, format_summary, open_study, run_session
-from pipeline.stores import open_storage
 from pipeline.paths import STUDIES_DIR
-from pipeline.study_file import PRUNERS, SAMPLERS, load_study
+from pipeline.search import attrs
+from pipeline.search.objective import Objective
+from pipeline.search.session import run_session
+from pipeline.search.study import open_study
+from pipeline.search.study_file import PRUNERS, SAMPLERS, load_study
+from pipeline.search.summary import format_summary
+from pipeline.stores import open_storage
 from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tune_command
 
 COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -32,15 +36,15 @@ def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, sy
 
     good, hopeless, diverged = trials[0], trials[2], trials[3]
     assert good.state == TrialState.COMPLETE and good.value > 0.9
-    assert good.user_attrs["epochs_run"] == 5 and good.user_attrs["best_epoch"] >= 1 and good.user_attrs["seconds"] > 0
-    assert hopeless.state == TrialState.PRUNED and hopeless.user_attrs["epochs_run"] < 5
-    assert diverged.state == TrialState.FAIL and "lower the learning rate" in diverged.user_attrs["fail_reason"]
+    assert good.user_attrs[attrs.EPOCHS_RUN] == 5 and good.user_attrs[attrs.BEST_EPOCH] >= 1 and good.user_attrs[attrs.SECONDS] > 0
+    assert hopeless.state == TrialState.PRUNED and hopeless.user_attrs[attrs.EPOCHS_RUN] < 5
+    assert diverged.state == TrialState.FAIL and "lower the learning rate" in diverged.user_attrs[attrs.FAIL_REASON]
 
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     assert len(finished) == 6  # the failure did not stop the study, nor count towards its target
     study = load(tmp_path)  # what optuna-dashboard shows of it: the objective's name, what the study is
     assert study.metric_names == ["val_accuracy"]
-    assert study.user_attrs["model_family"] == "mlp" and study.user_attrs["description"].startswith("The notebook")
+    assert study.user_attrs[attrs.STUDY_MODEL_FAMILY] == "mlp" and study.user_attrs[attrs.STUDY_DESCRIPTION].startswith("The notebook")
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert summary["best_trial"]["number"] == best.number and best.number in (0, 1)
     assert summary["epochs_unpruned"] == 6 * 5 and summary["epochs_run"] < summary["epochs_unpruned"]
@@ -182,7 +186,7 @@ def test_ctrl_c_ends_the_running_trials_and_the_next_run_resumes(tmp_path, synth
 
     trials = trials_now(tmp_path)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    interrupted = [t for t in trials if t.user_attrs.get(attrs.INTERRUPTED)]
     assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
     assert 1 <= len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) < 8
 
@@ -193,7 +197,7 @@ def test_ctrl_c_ends_the_running_trials_and_the_next_run_resumes(tmp_path, synth
     assert len(trials_now(tmp_path, COMPLETE_OR_PRUNED)) >= 8, done.stdout + done.stderr
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     for trial in interrupted:  # the interrupted parameters ran again
-        retries = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
+        retries = [t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == trial.number]
         assert retries and retries[0].params == trial.params
 
 
@@ -253,7 +257,7 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
     retried = [t for t in trials
                if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
     assert retried and retried[0].params == orphan.params and retried[0].state in COMPLETE_OR_PRUNED
-    assert retried[0].user_attrs["resumed_from"].startswith(f"trial-{orphan.number}, epoch ")  # not from epoch 1
+    assert retried[0].user_attrs[attrs.RESUMED_FROM].startswith(f"trial-{orphan.number}, epoch ")  # not from epoch 1
 
 
 # --- Final phase, warm starts, where the epochs went -----------------------------------------------
@@ -271,14 +275,14 @@ def study_file_with(tmp_path, name: str, extra: str, base: str = "mlp") -> str:
 def test_the_final_phase_retrains_the_best_trial_longer_once(tmp_path, synthetic_env):
     spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 5")
     enqueue(tmp_path, "mlp", LEARNS, HOPELESS)
-    first = dataclasses.replace(session(tmp_path, trials=2, epochs=2, final_phase=True), study_file=spec_file)
+    first = session(tmp_path, spec_file, trials=2, epochs=2, final_phase=True)
     summary = run_session(first)
     trials = load(tmp_path).trials
     assert len(trials) == 3
     searched_best = max(trials[:2], key=lambda t: t.value if t.value is not None else -1)
     final = trials[2]
-    assert final.params == searched_best.params and final.user_attrs["final_of"] == searched_best.number
-    assert final.state == TrialState.COMPLETE and final.user_attrs["epochs_run"] == 5  # never pruned, 5 epochs
+    assert final.params == searched_best.params and final.user_attrs[attrs.FINAL_OF] == searched_best.number
+    assert final.state == TrialState.COMPLETE and final.user_attrs[attrs.EPOCHS_RUN] == 5  # never pruned, 5 epochs
     assert summary["final"]["number"] == 2 and summary["final"]["of"] == searched_best.number
     assert "Final phase: trial 2 retrained trial" in format_summary(summary)
     # The study's best is whichever validates better: the candidate for promotion.
@@ -293,10 +297,9 @@ def test_the_final_phase_fits_in_the_session_timeout(tmp_path, synthetic_env):
     # trial's pace, not the study file's 1000.
     spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 1000\nmax_epochs = 1000")
     enqueue(tmp_path, "mlp", LEARNS)
-    summary = run_session(dataclasses.replace(session(tmp_path, trials=1, epochs=2, final_phase=True, timeout=20),
-                                              study_file=spec_file))
+    summary = run_session(session(tmp_path, spec_file, trials=1, epochs=2, final_phase=True, timeout=20))
     searched = load(tmp_path).trials[0]
-    assert 2 < summary["final"]["epochs"] <= 20 / searched.user_attrs["epoch_seconds"]
+    assert 2 < summary["final"]["epochs"] <= 20 / searched.user_attrs[attrs.EPOCH_SECONDS]
 
 
 def test_a_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path, synthetic_env):
@@ -308,7 +311,7 @@ def test_a_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_pat
     spec_file = Path(study_file_with(tmp_path, "mlp-again", '[warm_start]\nstudy = "mlp"\nbest = 2'))
     narrower = spec_file.read_text().replace("low = 5e-4, high = 1e-2", "low = 2.5e-3, high = 1e-2")
     spec_file.write_text(narrower.replace("lr = 0.002\n", "lr = 0.003\n"))  # its own [[enqueue]] too
-    run_session(dataclasses.replace(session(tmp_path, trials=2, epochs=2), study_file=str(spec_file)))
+    run_session(session(tmp_path, str(spec_file), trials=2, epochs=2))
     queued = [t.params for t in load(tmp_path, "mlp-again").trials[:2]]
     assert queued == [t.params for t in earlier if t.params["lr"] >= 2.5e-3][:2]  # best first
     assert all(params["lr"] != 2e-3 for params in queued)
@@ -316,7 +319,7 @@ def test_a_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_pat
 
 def test_a_warm_start_from_a_study_not_there_yet_starts_from_the_study_file(tmp_path, synthetic_env, capsys):
     spec_file = study_file_with(tmp_path, "mlp-again", '[warm_start]\nstudy = "nowhere"')
-    run_session(dataclasses.replace(session(tmp_path, trials=1, epochs=1), study_file=spec_file))
+    run_session(session(tmp_path, spec_file, trials=1, epochs=1))
     assert "no study 'nowhere'" in capsys.readouterr().out
     assert load(tmp_path, "mlp-again").trials[0].params == load_study("mlp").enqueue[0]
 
@@ -324,12 +327,12 @@ def test_a_warm_start_from_a_study_not_there_yet_starts_from_the_study_file(tmp_
 def test_the_summary_counts_the_epochs_spent_on_trials_that_ended_below_the_median():
     from optuna.distributions import FloatDistribution
 
-    from pipeline.search import epochs_below_median
+    from pipeline.search.summary import epochs_below_median
 
     def trial(state, values, value=None):
         return optuna.trial.create_trial(
             state=state, value=value, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
-            intermediate_values=dict(enumerate(values, 1)), user_attrs={"epochs_run": len(values)})
+            intermediate_values=dict(enumerate(values, 1)), user_attrs={attrs.EPOCHS_RUN: len(values)})
 
     trials = [trial(TrialState.COMPLETE, [0.5, 0.8, 0.9], value=0.9),  # above the median 0.7
               trial(TrialState.COMPLETE, [0.5, 0.6, 0.7], value=0.7),  # the median: not below it
@@ -351,16 +354,16 @@ def test_an_interrupted_final_phase_is_run_again_at_the_end_not_queued_with_its_
     # thing, but a final one waits for that session's own final phase, fitted to its time.
     spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 4")
     enqueue(tmp_path, "mlp", LEARNS)
-    first = dataclasses.replace(session(tmp_path, trials=1, epochs=2), study_file=spec_file)
+    first = session(tmp_path, spec_file, trials=1, epochs=2)
     run_session(first)  # one searched trial, no final phase yet
     study = load(tmp_path)
     best = study.trials[0]
     interrupted = study.ask()  # as the final phase would have started it, then Ctrl-C
-    for key, value in {"final_of": best.number, "final_epochs": 4, "interrupted": True}.items():
+    for key, value in {attrs.FINAL_OF: best.number, attrs.FINAL_EPOCHS: 4, attrs.INTERRUPTED: True}.items():
         interrupted.set_user_attr(key, value)
     study.tell(interrupted, state=TrialState.FAIL)
     summary = run_session(dataclasses.replace(first, final_phase=True))
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert "retry_of" not in trials[2].user_attrs and trials[2].user_attrs["final_of"] == best.number
+    assert attrs.RETRY_OF not in trials[2].user_attrs and trials[2].user_attrs[attrs.FINAL_OF] == best.number
     assert summary["final"]["number"] == 2

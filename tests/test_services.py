@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from pipeline.data import CUSTOM_ENV_VAR
 from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
+from pipeline.search import attrs
 from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
 from tests.conftest import free_port, write_dataset
@@ -98,12 +99,12 @@ def assert_runs_mirror_trials(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     tracked = [t for t in trials if t.state in MIRRORED and not (t.state == TrialState.FAIL and
-                                                                 "mlflow_run_id" not in t.user_attrs)]
+                                                                 attrs.MLFLOW_RUN_ID not in t.user_attrs)]
     assert all(t.intermediate_values == {} for t in trials if t.state in MIRRORED and t not in tracked)
-    run_ids = [t.user_attrs["mlflow_run_id"] for t in tracked]
+    run_ids = [t.user_attrs[attrs.MLFLOW_RUN_ID] for t in tracked]
     assert len(set(run_ids)) == len(run_ids)  # one run per trial
     for trial in tracked:
-        assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == MIRRORED[trial.state], trial.number
+        assert client.get_run(trial.user_attrs[attrs.MLFLOW_RUN_ID]).info.status == MIRRORED[trial.state], trial.number
 
 
 def test_make_services_prints_two_exports_that_hide_the_password(services):
@@ -142,13 +143,13 @@ def test_two_sessions_share_one_study_and_tracking_server_and_leak_no_password(s
     trials = study.get_trials(deepcopy=False)
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # every number once
     assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) >= 8
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both sessions ran trials
+    assert len({t.user_attrs[attrs.WORKER] for t in trials}) == 2  # both sessions ran trials
     assert_runs_mirror_trials(study)
     client = mlflow.MlflowClient()
     parents = {json.loads(out.strip().splitlines()[-1])["mlflow_parent_run_id"] for out, _ in outputs}
     assert len(parents) == 2 and all(client.get_run(p).info.status == "FINISHED" for p in parents)
-    parent_of = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in trials
-                 if "mlflow_run_id" in t.user_attrs}
+    parent_of = {client.get_run(t.user_attrs[attrs.MLFLOW_RUN_ID]).data.tags["mlflow.parentRunId"] for t in trials
+                 if attrs.MLFLOW_RUN_ID in t.user_attrs}
     assert parent_of == parents  # each session's trials under its own parent run
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     same_data = [v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
@@ -184,7 +185,7 @@ def study_system_attrs(storage: str, name: str) -> dict:
 
 def running_trial_of(study: optuna.Study, pid: int, min_epochs: int):
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker", "").endswith(f":{pid}") and len(trial.intermediate_values) >= min_epochs:
+        if trial.user_attrs.get(attrs.WORKER, "").endswith(f":{pid}") and len(trial.intermediate_values) >= min_epochs:
             return trial
     return None
 
@@ -212,13 +213,13 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_its_trial_resumes_
     mlflow.set_tracking_uri(running.tracking_uri())
     killed = study.get_trials(deepcopy=False)[target.number]
     assert killed.state == TrialState.FAIL
-    killed_run = mlflow.MlflowClient().get_run(killed.user_attrs["mlflow_run_id"])
+    killed_run = mlflow.MlflowClient().get_run(killed.user_attrs[attrs.MLFLOW_RUN_ID])
     assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["fail_reason"]
     retries = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == target.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-    resumed_epoch = int(retries[0].user_attrs["resumed_from"].rsplit(" ", 1)[1])
+    resumed_epoch = int(retries[0].user_attrs[attrs.RESUMED_FROM].rsplit(" ", 1)[1])
     assert resumed_epoch >= 3  # from its checkpoint, not epoch 1
-    assert retries[0].user_attrs["resumed_from"].startswith(f"trial-{target.number},")
+    assert retries[0].user_attrs[attrs.RESUMED_FROM].startswith(f"trial-{target.number},")
     assert len(retries[0].intermediate_values) == 10  # the earlier epochs reported again, then the rest
     assert_runs_mirror_trials(study)
 
@@ -242,10 +243,10 @@ def test_workers_ride_out_a_postgresql_restart(services, bigger_synthetic_dir):
     assert len(finished) >= 4
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert 1 <= len(failed) <= 2  # the trials being recorded at that moment, one per worker at most
-    retries = {t.user_attrs.get("retry_of"): t for t in study.get_trials(deepcopy=False)}
+    retries = {t.user_attrs.get(attrs.RETRY_OF): t for t in study.get_trials(deepcopy=False)}
     assert all(t.number in retries for t in failed)  # each one run again, ...
     trained = [t for t in failed if t.intermediate_values]
-    assert not trained or any("resumed_from" in retries[t.number].user_attrs for t in trained)  # ... from its checkpoint
+    assert not trained or any(attrs.RESUMED_FROM in retries[t.number].user_attrs for t in trained)  # ... from its checkpoint
     lost = (out + err).count("lost the study storage")
     assert 1 <= lost <= 2 and "Traceback" not in out + err  # one line per worker at most, no storm
     mlflow.set_tracking_uri(running.tracking_uri())
@@ -280,7 +281,7 @@ def test_a_study_outlives_a_tracking_server_that_stops_for_30_seconds(services, 
     mlflow.set_tracking_uri(running.tracking_uri())
     assert_runs_mirror_trials(study)  # the records were written when the server came back
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        history = mlflow.MlflowClient().get_metric_history(trial.user_attrs["mlflow_run_id"], "val_accuracy")
+        history = mlflow.MlflowClient().get_metric_history(trial.user_attrs[attrs.MLFLOW_RUN_ID], "val_accuracy")
         assert len(history) == len(trial.intermediate_values)  # no epoch's metrics lost
 
 

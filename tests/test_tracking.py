@@ -10,7 +10,9 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
-from pipeline.search import format_summary, run_session
+from pipeline.search import attrs
+from pipeline.search.session import run_session
+from pipeline.search.summary import format_summary
 from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tracker_for
 
 
@@ -56,7 +58,7 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
     assert len(trial_runs) == len(study.trials)
     for trial in study.trials:
         run = trial_runs[trial.number]
-        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # the link goes both ways
+        assert trial.user_attrs[attrs.MLFLOW_RUN_ID] == run.info.run_id  # the link goes both ways
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["study"] == "mlp" and run.data.tags["sampler"] == "tpe"
         assert run.data.tags["dataset"] == "custom"  # the synthetic data are not Fashion-MNIST, and say so
@@ -67,12 +69,12 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
         assert run.data.params["sampled.lr"] == str(trial.params["lr"])  # ... and what was sampled
         assert run.data.params["epochs"] == "4" and run.data.params["val_size"] == "200"  # the shrunk settings
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
-        assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_run"] + 1))
+        assert [m.step for m in history] == list(range(1, trial.user_attrs[attrs.EPOCHS_RUN] + 1))
 
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert pruned and failed
-    assert trial_runs[pruned[0].number].data.tags["pruned_at_epoch"] == str(pruned[0].user_attrs["epochs_run"])
+    assert trial_runs[pruned[0].number].data.tags["pruned_at_epoch"] == str(pruned[0].user_attrs[attrs.EPOCHS_RUN])
     assert "lower the learning rate" in trial_runs[failed[0].number].data.tags["fail_reason"]
 
 
@@ -95,7 +97,7 @@ def test_the_session_run_carries_optunas_figures_and_the_summary(tracked_study):
 def test_the_summary_says_what_tracking_cost(tracked_study):
     summary, study = tracked_study
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert all(0 < t.user_attrs["tracking_seconds"] < t.user_attrs["seconds"] for t in finished)
+    assert all(0 < t.user_attrs[attrs.TRACKING_SECONDS] < t.user_attrs[attrs.SECONDS] for t in finished)
     assert summary["session_tracking_seconds"] > 0
     assert "MLflow tracking: " in format_summary(summary)
 

@@ -1,23 +1,26 @@
 """Study files: `studies/<name>.toml` -> a validated StudySpec (search space, sampler, pruner, budget).
 
-A study file holds fixed TrainConfig settings, the search space over TrainConfig fields, the
-sampler and pruner with their settings, and the default budget. Loading checks everything and
-reports a bad file with its path, the key and what is allowed; the sampler and pruner are built
-once at load time so that their settings are checked by Optuna itself.
+A study file holds fixed TrainConfig settings, the search space over TrainConfig fields (space.py),
+the sampler and pruner with their settings, the default budget, and optionally configurations to
+try first, an earlier study to start from and a final phase. Loading checks everything and reports
+a bad file with its path, the key and what is allowed; the sampler and pruner are built once at
+load time so that their settings are checked by Optuna itself.
 """
 
 from __future__ import annotations
 
-import math
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from pipeline.config import ConfigError, TrainConfig, field_names
+from pipeline.config import ConfigError, TrainConfig, fields_unused_by
+from pipeline.errors import PipelineError
 from pipeline.paths import STUDIES_DIR
+from pipeline.search import attrs
+from pipeline.search.space import Param, is_int, is_number, parse_param
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -35,73 +38,27 @@ PRUNERS = {
 OBJECTIVES = {"val_accuracy": "maximize"}  # the best epoch's validation accuracy
 TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "fixed", "search", "sampler", "pruner", "enqueue",
                   "warm_start", "final"}
-FINAL_KEYS = {"seconds", "max_epochs"}
-WARM_START_KEYS = {"study", "best"}
-PARAM_KEYS = {
-    "float": {"type", "low", "high", "log", "step"},
-    "int": {"type", "low", "high", "log", "step"},
-    "categorical": {"type", "choices"},
-    "layers": {"type", "depth", "width", "log", "step"},
-}
-
-
-class StudyFileError(ValueError):
+class StudyFileError(PipelineError):
     """A study file is missing or invalid; the message names the file, the key and what is allowed."""
 
 
 @dataclass(frozen=True)
-class Param:
-    """One searched TrainConfig field."""
+class WarmStart:
+    """`[warm_start]`: a new study first runs the `best` best configurations of this earlier study
+    (in the same storage) that fit its space."""
 
-    name: str
-    type: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple = ()
-    depth: tuple[int, int] = (1, 1)  # layers: how many layers
-    width: tuple[int, int] = (1, 1)  # layers: each layer's width
+    study: str
+    best: int = 3
 
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
-        if self.type == "int":
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        # layers: a depth, then one width per layer; Optuna records them as name_depth, name_1, ...
-        depth = trial.suggest_int(f"{self.name}_depth", *self.depth)
-        return tuple(trial.suggest_int(f"{self.name}_{i}", *self.width, log=self.log, step=self.step or 1)
-                     for i in range(1, depth + 1))
 
-    def names_in(self, params: dict[str, Any]) -> list[str]:
-        """The Optuna parameter names in ``params`` that belong to this field."""
-        return [k for k in params if k == self.name or (self.type == "layers" and k.startswith(f"{self.name}_"))]
+@dataclass(frozen=True)
+class FinalPhase:
+    """`[final]`: after the search, the best trial's configuration trained longer, within `seconds`
+    of the session's timeout, for as many epochs as fit (at most `max_epochs`); it becomes the
+    candidate for promotion only if it validates better."""
 
-    def fits(self, params: dict[str, Any]) -> bool:
-        """Whether this field's values in ``params`` (recorded by another study, for a warm start) lie
-        in its range; a field absent from them fits (Optuna samples it)."""
-        if not self.names_in(params):
-            return True
-        if self.type == "categorical":
-            return self.name in params and params[self.name] in self.choices
-        if self.type != "layers":
-            value = params.get(self.name)
-            return isinstance(value, (int, float)) and self.low <= value <= self.high
-        depth = params.get(f"{self.name}_depth")
-        if not isinstance(depth, int) or not self.depth[0] <= depth <= self.depth[1]:
-            return False
-        widths = [params.get(f"{self.name}_{i}") for i in range(1, depth + 1)]
-        step = self.step or 1
-        return all(isinstance(w, int) and self.width[0] <= w <= self.width[1] and (w - self.width[0]) % step == 0
-                   for w in widths)
-
-    def as_params(self, value: Any) -> dict[str, Any]:
-        """The Optuna parameters that ``value`` corresponds to (for enqueueing a known configuration)."""
-        if self.type != "layers":
-            return {self.name: value}
-        return {f"{self.name}_depth": len(value), **{f"{self.name}_{i}": w for i, w in enumerate(value, 1)}}
+    seconds: float
+    max_epochs: int = 100
 
 
 @dataclass(frozen=True)
@@ -117,11 +74,8 @@ class StudySpec:
     timeout: float | None  # seconds per session; None: no limit
     objective: str = "val_accuracy"
     enqueue: tuple[dict[str, Any], ...] = field(default_factory=tuple)
-    # A new study first runs the `best` best configurations of this earlier study that fit its space.
-    warm_start: dict[str, Any] | None = None  # {"study": name, "best": n}
-    # After the search: the best trial's configuration trained longer, within `seconds` of the session's
-    # timeout, for as many epochs as fit (at most `max_epochs`); promoted only if it validates better.
-    final: dict[str, Any] | None = None  # {"seconds": s, "max_epochs": n}
+    warm_start: WarmStart | None = None
+    final: FinalPhase | None = None
 
     @property
     def direction(self) -> str:
@@ -138,8 +92,8 @@ class StudySpec:
         """The trial's configuration: the fixed settings plus one sampled value per searched field
         (and, for a final-phase trial, the epochs it was queued with)."""
         config = self.base_config().replace(**{p.name: p.suggest(trial) for p in self.space})
-        if "final_epochs" in trial.user_attrs:
-            config = config.replace(epochs=trial.user_attrs["final_epochs"])
+        if attrs.FINAL_EPOCHS in trial.user_attrs:
+            config = config.replace(epochs=trial.user_attrs[attrs.FINAL_EPOCHS])
         return config
 
     def fits(self, params: dict[str, Any]) -> bool:
@@ -161,7 +115,23 @@ class StudySpec:
                               f"set only fixed fields")
         fixed = {**self.fixed, **settings}
         base = TrainConfig().replace(**fixed)  # unknown keys and bad values fail here, named
-        return replace(self, fixed={k: getattr(base, k) for k in fixed})
+        changed = replace(self, fixed={k: getattr(base, k) for k in fixed})
+        unused = changed.searched_but_unused()
+        if unused:
+            name, family = unused[0]
+            raise ConfigError(f"--set model={base.model} contradicts study {self.name}: it searches {name!r}, which "
+                              f"only the {family} family reads. Fix: pick a study of the {base.model} family "
+                              f"(e.g. --study {base.model}), or leave model as the study file sets it")
+        return changed
+
+    def searched_but_unused(self) -> list[tuple[str, str]]:
+        """Searched fields that the study's fixed model family ignores, each with the family that reads
+        them; none when the family itself is searched."""
+        names = {p.name for p in self.space}
+        if "model" in names:
+            return []
+        unused = fields_unused_by(self.base_config().model)
+        return [(name, unused[name]) for name in sorted(names) if name in unused]
 
     def make_sampler(self, worker: int = 0) -> optuna.samplers.BaseSampler:
         """Parallel workers each get their own seed (seed + worker): with one seed they would sample alike."""
@@ -196,6 +166,8 @@ def load_study(name_or_path: str | Path) -> StudySpec:
         document = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise StudyFileError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise StudyFileError(f"{path}: not a text file (a study file is TOML, e.g. studies/mlp.toml)") from None
     return parse_study(document, path)
 
 
@@ -211,10 +183,10 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
     if objective not in OBJECTIVES:
         raise fail("objective", f"{objective!r} is not supported; allowed: {', '.join(OBJECTIVES)}")
     trials = document.get("trials", 20)
-    if not _is_int(trials) or trials < 1:
+    if not is_int(trials) or trials < 1:
         raise fail("trials", f"{trials!r} must be a positive integer")
     timeout = document.get("timeout")
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+    if timeout is not None and (not is_number(timeout) or timeout <= 0):
         raise fail("timeout", f"{timeout!r} must be a positive number of seconds")
 
     fixed = _table(document, "fixed", fail)
@@ -226,7 +198,7 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
     search = _table(document, "search", fail)
     if not search:
         raise fail("search", "the search space is empty; add at least one [search] entry")
-    space = tuple(_parse_param(name, spec, fail) for name, spec in search.items())
+    space = tuple(parse_param(name, spec, fail) for name, spec in search.items())
     overlap = sorted(set(fixed) & set(search))
     if overlap:
         raise fail(f"search.{overlap[0]}", "is both fixed and searched; keep one")
@@ -254,101 +226,37 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
             raise fail(f"enqueue[{i}].{outside[0]}", f"{values[outside[0]]!r} is outside the search space")
         enqueued.append(params)
 
-    warm_start = _optional_table(document, "warm_start", WARM_START_KEYS, fail)
+    warm_start = _optional_table(document, "warm_start", WarmStart, fail)
     if warm_start is not None:
         if not isinstance(warm_start.get("study"), str) or not warm_start["study"]:
             raise fail("warm_start.study", "must name an earlier study in the same storage, e.g. \"cnn\"")
         if warm_start["study"] == path.stem:
             raise fail("warm_start.study", "names this study itself; name an earlier one")
-        best = warm_start.setdefault("best", 3)
-        if not _is_int(best) or best < 1:
-            raise fail("warm_start.best", f"{best!r} must be a positive integer")
-    final = _optional_table(document, "final", FINAL_KEYS, fail)
+        warm_start = WarmStart(**warm_start)
+        if not is_int(warm_start.best) or warm_start.best < 1:
+            raise fail("warm_start.best", f"{warm_start.best!r} must be a positive integer")
+    final = _optional_table(document, "final", FinalPhase, fail)
     if final is not None:
-        if not _is_number(final.get("seconds")) or final["seconds"] <= 0:
+        if not is_number(final.get("seconds")) or final["seconds"] <= 0:
             raise fail("final.seconds", f"{final.get('seconds')!r} must be a positive number of seconds")
-        max_epochs = final.setdefault("max_epochs", 100)
-        if not _is_int(max_epochs) or max_epochs < 1:
-            raise fail("final.max_epochs", f"{max_epochs!r} must be a positive integer")
+        final = FinalPhase(**final)
+        if not is_int(final.max_epochs) or final.max_epochs < 1:
+            raise fail("final.max_epochs", f"{final.max_epochs!r} must be a positive integer")
 
     spec = StudySpec(
         name=path.stem, path=path, description=document.get("description", ""), fixed=fixed, space=space,
         sampler=sampler, pruner=pruner, trials=trials, timeout=timeout, objective=objective,
         enqueue=tuple(enqueued), warm_start=warm_start, final=final,
     )
+    for name, family in spec.searched_but_unused():
+        raise fail(f"search.{name}", f"only the {family} family reads it, but this study fixes model = "
+                                     f"{spec.base_config().model!r}; search model too, or drop {name}")
     for kind, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
         try:
             make()
         except (TypeError, ValueError) as error:
             raise fail(kind, f"bad setting for {getattr(spec, kind)['name']}: {error}") from None
     return spec
-
-
-def _parse_param(name: str, spec: Any, fail) -> Param:
-    key = f"search.{name}"
-    if name not in field_names():
-        raise fail(key, f"not a config field; fields: {', '.join(sorted(field_names()))}")
-    if not isinstance(spec, dict):
-        raise fail(key, "must be a table such as { type = \"float\", low = 0.0, high = 0.5 }")
-    kind = spec.get("type")
-    if kind not in PARAM_KEYS:
-        raise fail(f"{key}.type", f"{kind!r} is not a parameter type; allowed: {', '.join(PARAM_KEYS)}")
-    unknown = sorted(set(spec) - PARAM_KEYS[kind])
-    if unknown:
-        raise fail(f"{key}.{unknown[0]}", f"unknown key for a {kind} parameter; allowed: "
-                                          f"{', '.join(sorted(PARAM_KEYS[kind]))}")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise fail(f"{key}.log", f"{log!r} must be true or false")
-
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise fail(f"{key}.choices", "must be a non-empty list")
-        for choice in choices:
-            _check_value(name, choice, key, fail)
-        return Param(name, kind, choices=tuple(choices))
-
-    if kind == "layers":
-        depth = _range_pair(spec, "depth", key, fail, minimum=1)
-        width = _range_pair(spec, "width", key, fail, minimum=1)
-        step = spec.get("step")
-        if step is not None and (not _is_int(step) or step < 1 or log or (width[1] - width[0]) % step):
-            raise fail(f"{key}.step", f"{step!r} must be a positive integer that divides the width range, "
-                                      f"and cannot be combined with log = true")
-        return Param(name, kind, depth=depth, width=width, log=log, step=step)
-
-    is_valid = _is_int if kind == "int" else _is_number
-    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
-    for bound, value in (("low", low), ("high", high)):
-        if not is_valid(value):
-            raise fail(f"{key}.{bound}", f"{value!r} must be {'an integer' if kind == 'int' else 'a number'}")
-    if not low < high:
-        raise fail(key, f"empty range: low ({low}) must be below high ({high})")
-    if log and low <= 0:
-        raise fail(f"{key}.log", f"a log scale needs low > 0 (got low = {low})")
-    if step is not None and (not is_valid(step) or step <= 0 or log):
-        raise fail(f"{key}.step", "must be a positive number, and cannot be combined with log = true")
-    for value in (low, high):
-        _check_value(name, value, key, fail)
-    return Param(name, kind, low=low, high=high, log=log, step=step)
-
-
-def _check_value(name: str, value: Any, key: str, fail) -> None:
-    try:
-        TrainConfig().replace(**{name: value})
-    except ConfigError as error:
-        raise fail(key, str(error)) from None
-
-
-def _range_pair(spec: dict, which: str, key: str, fail, *, minimum: int) -> tuple[int, int]:
-    pair = spec.get(which)
-    if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(v) for v in pair)):
-        raise fail(f"{key}.{which}", f"must be [low, high] integers, got {pair!r}")
-    low, high = pair
-    if low < minimum or high < low:
-        raise fail(f"{key}.{which}", f"empty or invalid range {pair}: need {minimum} <= low <= high")
-    return low, high
 
 
 def _component(document: dict, kind: str, registry: dict, default: str, fail) -> dict[str, Any]:
@@ -360,9 +268,11 @@ def _component(document: dict, kind: str, registry: dict, default: str, fail) ->
     return settings
 
 
-def _optional_table(document: dict, key: str, allowed: set[str], fail) -> dict[str, Any] | None:
+def _optional_table(document: dict, key: str, kind: type, fail) -> dict[str, Any] | None:
+    """The table ``key``, if there, holding only the fields of the dataclass ``kind``."""
     if key not in document:
         return None
+    allowed = {f.name for f in fields(kind)}
     settings = dict(_table(document, key, fail))
     unknown = sorted(set(settings) - allowed)
     if unknown:
@@ -375,11 +285,3 @@ def _table(document: dict, key: str, fail) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise fail(key, "must be a table")
     return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))

@@ -1,0 +1,258 @@
+"""What each command does: the one place that wires the parts (tracking on or off, which store,
+which device). Imports are inside each command, so that `compare` and `dashboard` never load torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import NOTEBOOK_TEST_ACCURACY, ConfigError, TrainConfig
+from pipeline.network import require_free_port
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from pipeline.fetch import ensure_dataset
+
+    dataset = ensure_dataset()
+    print(f"Fashion-MNIST ready in {dataset.source}: {len(dataset.train_labels)} train / "
+          f"{len(dataset.test_labels)} test images, checksum {dataset.checksum[:12]}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.model:
+        overrides["model"] = args.model
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    config = TrainConfig().replace(**overrides)  # a bad key fails here, before any slow import
+
+    from pipeline.data import load_fashion_mnist, make_splits, normalize
+    from pipeline.device import configure_cpu_threads, pick_device
+    from pipeline.models import build_model, count_parameters
+    from pipeline.progress import epoch_bar
+    from pipeline.train import nll_and_accuracy, train
+
+    out = sys.stderr if args.json else sys.stdout
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    configure_cpu_threads()
+    dataset = load_fashion_mnist()
+    splits = make_splits(dataset, val_size=config.val_size, train_subset=config.train_subset).to(device)
+    print(f"{config.model.upper()} with {count_parameters(build_model(config)):,} parameters on {device}; "
+          f"{len(splits.train_labels):,} training / {len(splits.val_labels):,} validation images", file=out)
+
+    bar = epoch_bar(config.epochs, description="training", stream=out)  # a live bar on a terminal only
+
+    def show_progress(epoch, m):
+        bar.update(epoch, m.val_accuracy)
+        bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {m.train_batch_loss:.4f} acc "
+                  f"{m.train_batch_accuracy:6.2%}  val loss {m.val_loss:.4f} acc {m.val_accuracy:6.2%}  "
+                  f"lr {m.lr:.2e}  {m.epoch_seconds:5.1f}s")
+
+    try:
+        result = train(config, splits, device=device, on_epoch_end=show_progress)
+    finally:
+        bar.close()
+    # Train accuracy as the notebook reported it: the final model, in eval mode, on the training split.
+    _, train_accuracy = nll_and_accuracy(result.model, splits.train_images, splits.train_labels)
+    test_images = normalize(dataset.test_images, splits.mean, splits.std)
+    _, test_accuracy = nll_and_accuracy(result.model, test_images, dataset.test_labels)
+    seconds = time.perf_counter() - started
+
+    early = " (stopped early)" if result.stopped_early else ""
+    print(f"\nbest epoch {result.best_epoch} of {result.epochs_run}{early}, {result.seconds:.0f} s of training",
+          file=out)
+    print(f"train accuracy      {train_accuracy:6.2%}", file=out)
+    mirrored = "   (averaged with the mirror image: it paid on validation)" if result.flip_averaged else ""
+    print(f"validation accuracy {result.best_val_accuracy:6.2%}{mirrored}", file=out)
+    print(f"test accuracy       {test_accuracy:6.2%}   (the notebook: {NOTEBOOK_TEST_ACCURACY:.2%})", file=out)
+    if args.json:
+        print(json.dumps({
+            "train_accuracy": train_accuracy,
+            "val_accuracy": result.best_val_accuracy,
+            "test_accuracy": test_accuracy,
+            "epochs": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "flip_averaged": result.flip_averaged,
+            "seconds": round(seconds, 2),
+            "train_seconds": round(result.seconds, 2),
+            "device": str(device),
+            "config": config.to_dict(),
+            "history": [asdict(m) for m in result.history],
+        }))
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from pipeline.device import pick_device
+    from pipeline.search.session import Session, run_session
+    from pipeline.search.study_file import load_study
+    from pipeline.search.summary import format_summary
+    from pipeline.stores import open_storage, redact, storage_url
+    from pipeline.tracking import session_tracker
+
+    settings = parse_overrides(args.overrides)
+    spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
+    if args.workers < 1:
+        raise ConfigError(f"--workers (WORKERS) must be at least 1, got {args.workers}")
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials (TRIALS) must be at least 1, got {args.trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout (TIMEOUT) must be a positive number of seconds, got {args.timeout:g}")
+    pick_device(args.device)  # a device this machine does not have is one line here, not in every worker
+    session = Session(
+        spec=spec, storage=storage_url(args.storage),
+        target_trials=args.trials if args.trials is not None else spec.trials,
+        timeout=args.timeout if args.timeout is not None else spec.timeout,
+        workers=args.workers, device=args.device, final_phase=args.final_phase,
+    )
+    budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
+    changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
+    print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
+          f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
+    open_storage(session.storage)  # a wrong URL or password is one line here, before any MLflow run exists
+    tracker = session_tracker(spec, session.storage, enabled=args.tracking)
+    try:
+        summary = run_session(session, tracker)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are kept in {redact(session.storage)}; "
+              f"run the same command again to continue study {spec.name}", file=sys.stderr)
+        return 130
+    print("\n" + format_summary(summary))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def run_evaluate_best(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate_registered, format_report
+    from pipeline.paths import REPORTS_DIR
+    from pipeline.stores import configure_mlflow
+
+    configure_mlflow()
+    alias = None if args.version is not None else args.alias
+    result = evaluate_registered(args.model, alias=alias, version=args.version, prune_sweep=args.prune_sweep,
+                                 reports_dir=args.reports_dir or REPORTS_DIR)
+    print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import as_dict, compare, format_table, log_comparison, write_page
+    from pipeline.paths import REPORTS_DIR
+    from pipeline.search.study import quiet_optuna
+    from pipeline.stores import configure_mlflow, open_storage, storage_url
+
+    quiet_optuna()
+    records = compare(open_storage(storage_url(args.storage)), args.studies)
+    print(format_table(records))
+    page = write_page(records, args.reports_dir or REPORTS_DIR)
+    print(f"\nfigures: {page}")
+    if args.tracking:
+        configure_mlflow()
+        print(f"MLflow run: {log_comparison(records, page)} (experiment `compare`)")
+    if args.json:
+        print(json.dumps({"studies": [as_dict(r) for r in records]}))
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard, served from this process: the storage URL (and its password) stays off the
+    command line that `ps` shows, and a wrong URL or password is one line before the server starts."""
+    from optuna_dashboard import run_server
+
+    from pipeline.search.study import quiet_optuna
+    from pipeline.stores import open_storage, redact, storage_url
+
+    quiet_optuna()
+    storage = storage_url(args.storage)
+    opened = open_storage(storage)
+    require_free_port(args.host, args.port, what="optuna-dashboard", variable=args.port_variable)
+    print(f"optuna-dashboard for {redact(storage)} on http://{args.host}:{args.port}", flush=True)
+    try:
+        run_server(opened, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    """Replace this process with `mlflow server` on the local store; a tracking server is its own UI.
+    The store's URI goes through the environment, not the command line `ps` shows."""
+    import os
+
+    from pipeline.paths import MLRUNS_DIR
+    from pipeline.services import MLFLOW_SERVER_ENV
+    from pipeline.stores import is_server, redact, tracking_uri
+
+    uri = tracking_uri()
+    if is_server(uri):
+        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the MLflow UI itself: open {redact(uri)}")
+        return 0
+    require_free_port(args.host, args.port, what="the MLflow UI", variable=args.port_variable)
+    print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port}", flush=True)
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
+    os.environ.update(MLFLOW_SERVER_ENV)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    os.execv(mlflow, [str(mlflow), "server",
+                      "--default-artifact-root", str(MLRUNS_DIR / "artifacts"),  # for experiments made in the UI
+                      "--host", args.host, "--port", str(args.port)])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Replace this process with MLflow's scoring server for the model, after checking it exists."""
+    import os
+
+    from pipeline.registry import resolve_version
+    from pipeline.stores import configure_mlflow, redact
+
+    uri = configure_mlflow()
+    version = resolve_version(args.model, alias=args.alias, version=None)  # one clear line if it is missing
+    require_free_port(args.host, args.port, what="the scoring server", variable=args.port_variable)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves models:/ itself
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"  # it starts `uvicorn` by name
+    print(f"serving {args.model} version {version.version} (@{args.alias}) from {redact(uri)} on "
+          f"http://{args.host}:{args.port}/invocations", flush=True)
+    mlflow = bin_dir / "mlflow"
+    os.execv(mlflow, [str(mlflow), "models", "serve", "-m", f"models:/{args.model}@{args.alias}",
+                      "--env-manager", "local", "--host", args.host, "--port", str(args.port)])
+
+
+def run_services(args: argparse.Namespace) -> int:
+    from pipeline.services import Services, services_dir
+
+    services = Services(services_dir())
+    if args.action == "stop":
+        services.stop()
+        print(f"stopped the services in {services.root}")
+        return 0
+    if args.action == "status":
+        print("\n".join(services.status()))
+        return 0
+    state = services.start(host=args.host, pg_port=args.pg_port, mlflow_port=args.mlflow_port)
+    print("\n".join(services.status()))
+    print(f"Artifacts are proxied by the server into {services.root / 'mlflow-artifacts'}.\n"
+          f"Paste into every shell that runs make tune, evaluate-best, dashboard or ui (the storage URL holds the "
+          f"database password, so it is read from a file readable by you only):\n"
+          f'  export OPTUNA_STORAGE="$(cat {services.storage_url_file})"\n'
+          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}\n"
+          f"make services-status says what runs; make services-stop stops both.")
+    return 0

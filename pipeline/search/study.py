@@ -1,0 +1,78 @@
+"""Open or prepare a study: create it or load it, record what it is, queue what it runs first."""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.search import attrs
+from pipeline.search.study_file import StudySpec
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+    """Create the study or load it (``load_if_exists``): running `make tune` again continues it."""
+    return optuna.create_study(
+        study_name=spec.name, storage=storage, direction=spec.direction,
+        sampler=spec.make_sampler(worker), pruner=spec.make_pruner(), load_if_exists=True,
+    )
+
+
+def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Once per session, before any worker starts: create the study, record what it is (the dashboard
+    shows these attributes, and names the objective's axis), enqueue the study file's known
+    configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
+    study = open_study(spec, storage)
+    study.set_metric_names([spec.objective])
+    family = "searched" if "model" in {p.name for p in spec.space} else spec.base_config().model
+    for key, value in ((attrs.STUDY_DESCRIPTION, spec.description), (attrs.STUDY_MODEL_FAMILY, family),
+                       (attrs.STUDY_SAMPLER, spec.sampler["name"]), (attrs.STUDY_PRUNER, spec.pruner["name"]),
+                       (attrs.STUDY_FILE, str(spec.path))):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    if not study.get_trials(deepcopy=False):
+        for params in [*warm_start_params(spec, storage), *spec.enqueue]:
+            study.enqueue_trial(params, skip_if_exists=True)
+    requeue_interrupted(study)
+    return study
+
+
+def warm_start_params(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[dict]:
+    """The parameters of the earlier study's best complete trials (`[warm_start]`) that lie in this
+    study's space, best first; none, with a note, when that study is not in the storage."""
+    if spec.warm_start is None:
+        return []
+    name, wanted = spec.warm_start.study, spec.warm_start.best
+    try:
+        earlier = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        print(f"note: warm start: no study {name!r} in this storage yet; starting from the study file alone",
+              flush=True)
+        return []
+    complete = sorted(earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: t.value, reverse=earlier.direction == optuna.study.StudyDirection.MAXIMIZE)
+    chosen = []  # what this study searches of each; what it searches and the earlier one did not is sampled
+    for params in (spec.in_space(t.params) for t in complete):
+        if params and spec.fits(params) and params not in chosen:
+            chosen.append(params)
+    print(f"warm start: {len(chosen[:wanted])} best configurations of study {name!r} queued first", flush=True)
+    return chosen[:wanted]
+
+
+def requeue_interrupted(study: optuna.Study) -> None:
+    """Queue again the parameters of trials a Ctrl-C ended (once each); an interrupted final phase
+    is left to the end of the next session, which fits it to its own time."""
+    trials = study.get_trials(deepcopy=False)
+    requeued = {t.user_attrs.get(attrs.RETRY_OF) for t in trials}
+    for trial in trials:
+        if (trial.state == TrialState.FAIL and trial.user_attrs.get(attrs.INTERRUPTED)
+                and trial.number not in requeued and not attrs.is_final_run(trial)):
+            study.enqueue_trial(trial.params, user_attrs={attrs.RETRY_OF: trial.number})
+
+
+def quiet_optuna() -> None:
+    """Our progress line replaces Optuna's per-trial log; heartbeats are marked experimental but are
+    the documented way to recover trials of killed workers."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's reason is on our line
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

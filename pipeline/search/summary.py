@@ -1,0 +1,157 @@
+"""What a session reports: the line after each trial, and the summary at its end (`make compare`
+counts epochs the same way). Optuna and the standard library only: no torch."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.progress import clock
+from pipeline.search import attrs
+
+# Trials that count towards a study's target: complete or pruned (FAIL does not; its retry will).
+COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def count_complete_or_pruned(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COMPLETE_OR_PRUNED))
+
+
+def count_failed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
+class ProgressLine:
+    """An Optuna callback: after each trial, what it did, the best so far, counts by state, elapsed time."""
+
+    def __init__(self, started: float, max_epochs: int):
+        self.started = started
+        self.max_epochs = max_epochs
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        counts = Counter(t.state for t in study.get_trials(deepcopy=False))
+        epochs = trial.user_attrs.get(attrs.EPOCHS_RUN, 0)
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"val {trial.value:.4f} after {epochs} epochs"
+        elif trial.state == TrialState.PRUNED:
+            outcome = f"pruned at epoch {epochs}/{self.max_epochs}"
+        else:
+            reason = trial.user_attrs.get(attrs.FAIL_REASON) or trial.system_attrs.get("fail_reason", "?")
+            outcome = f"failed: {reason}"
+        try:
+            best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        print(f"trial {trial.number:3d} {trial.state.name:8s} {outcome:32s} | {best} | "
+              f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+              f"{counts[TrialState.FAIL]} failed | {clock(time.time() - self.started)}", flush=True)
+
+
+def epoch_counts(trials, *, default_max_epochs: int | None = None) -> tuple[int, int]:
+    """Epochs the complete and pruned trials ran, and what they would have run without pruning (each
+    its maximum epochs; a trial recorded before `max_epochs` existed counts ``default_max_epochs``, or
+    what it ran when that is not known). Used by `make tune`'s summary and by `make compare`."""
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
+    run = sum(t.user_attrs.get(attrs.EPOCHS_RUN, 0) for t in finished)
+    unpruned = sum(t.user_attrs.get(attrs.MAX_EPOCHS, default_max_epochs or t.user_attrs.get(attrs.EPOCHS_RUN, 0))
+                   for t in finished)
+    return run, unpruned
+
+
+def epochs_below_median(trials) -> tuple[int, int]:
+    """Epochs the finished trials spent, and how many of them went to trials that ended below the
+    median of the finished trials' final values (a pruned trial's is its last report): the share of
+    the budget a search spent on configurations it ends up ranking in its worse half."""
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED and _final_value(t) is not None]
+    if not finished:
+        return 0, 0
+    median = statistics.median(_final_value(t) for t in finished)
+    below = sum(t.user_attrs.get(attrs.EPOCHS_RUN, 0) for t in finished if _final_value(t) < median)
+    return below, sum(t.user_attrs.get(attrs.EPOCHS_RUN, 0) for t in finished)
+
+
+def _final_value(trial) -> float | None:
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    return trial.intermediate_values[trial.last_step] if trial.last_step is not None else None
+
+
+def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
+    """The session's numbers (``max_epochs``: what a trial recorded before `max_epochs` existed ran)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
+    epochs_run, epochs_unpruned = epoch_counts(trials, default_max_epochs=max_epochs)
+    summary = {
+        "study": study.study_name,
+        "trials": len(trials),
+        "states": dict(counts),
+        "epochs_run": epochs_run,
+        "epochs_unpruned": epochs_unpruned,
+        "epochs_below_median": epochs_below_median(trials)[0],
+        "session_seconds": round(seconds, 1),
+        "best_trial": None,
+    }
+    tracked = [t for t in finished if attrs.TRACKING_SECONDS in t.user_attrs]
+    if tracked:
+        # What MLflow cost the study's trials: their seconds in MLflow calls out of their seconds in all.
+        summary["trial_tracking_seconds"] = round(sum(t.user_attrs[attrs.TRACKING_SECONDS] for t in tracked), 1)
+        summary["tracked_trial_seconds"] = round(sum(t.user_attrs[attrs.SECONDS] for t in tracked), 1)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        summary["best_trial"] = {"number": best.number, "val_accuracy": best.value, "params": best.params,
+                                 "best_epoch": best.user_attrs.get(attrs.BEST_EPOCH),
+                                 "final_of": best.user_attrs.get(attrs.FINAL_OF)}
+    finals = [t for t in complete if attrs.is_final_run(t)]
+    if finals:
+        final = finals[-1]
+        retrained = next(t for t in trials if t.number == final.user_attrs[attrs.FINAL_OF])
+        summary["final"] = {"number": final.number, "epochs": final.user_attrs[attrs.FINAL_EPOCHS],
+                            "val_accuracy": final.value, "of": retrained.number, "of_val_accuracy": retrained.value,
+                            "of_epochs": retrained.user_attrs.get(attrs.EPOCHS_RUN)}
+    return summary
+def format_summary(summary: dict) -> str:
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary["states"].items())) or "none"
+    lines = [f"Study {summary['study']}: {summary['trials']} trials ({states})"]
+    best = summary["best_trial"]
+    if best:
+        lines.append(f"Best: trial {best['number']}, validation accuracy {best['val_accuracy']:.2%} "
+                     f"(epoch {best['best_epoch']})")
+        lines += [f"  {name} = {value}" for name, value in best["params"].items()]
+    final = summary.get("final")
+    if final:
+        if summary["best_trial"]["number"] == final["number"]:
+            verdict = "the study's best"
+        else:
+            verdict = "better" if final["val_accuracy"] > final["of_val_accuracy"] else "no better"
+            verdict += f", but trial {summary['best_trial']['number']} is the study's best"
+        lines.append(f"Final phase: trial {final['number']} retrained trial {final['of']} for {final['epochs']} epochs "
+                     f"(it ran {final['of_epochs']}): {final['val_accuracy']:.2%} against {final['of_val_accuracy']:.2%}, "
+                     f"{verdict}")
+    unpruned = summary["epochs_unpruned"]
+    if unpruned:
+        saved = unpruned - summary["epochs_run"]
+        lines.append(f"Epochs: {summary['epochs_run']} run of {unpruned} that the finished trials "
+                     f"could have used: pruning saved {saved} ({saved / unpruned:.0%})")
+    if summary["epochs_run"]:
+        below = summary["epochs_below_median"]
+        lines.append(f"Epochs on trials that ended below the median: {below} of {summary['epochs_run']} "
+                     f"({below / summary['epochs_run']:.0%})")
+    lines.append(f"Wall time this session: {clock(summary['session_seconds'])}")
+    if "trial_tracking_seconds" in summary:
+        in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]
+        line = f"MLflow tracking: {in_trials:.1f} s of the finished trials' {of:.0f} s ({in_trials / of:.1%})"
+        if "session_tracking_seconds" in summary:
+            line += f", and {summary['session_tracking_seconds']:.1f} s this session for its run and promotion"
+        lines.append(line)
+    promotion = summary.get("promotion")
+    if promotion:
+        lines.append(f"Registry: {promotion['model']} version {promotion['version']} "
+                     f"({promotion['val_accuracy']:.2%} validation): {promotion['outcome']}")
+    return "\n".join(lines)
+

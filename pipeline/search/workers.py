@@ -1,0 +1,193 @@
+"""The trial loop of one worker, the worker processes of a session, and recovery from a lost storage.
+
+A worker loads the data once, then asks Optuna for trials until the study has its target or the
+session's deadline passes. When the study storage goes away (a database restart, a network cut) it
+waits for it, fails and re-queues the trial it was running (which resumes from its checkpoint), and
+goes on; a storage that keeps failing with no trial finishing in between ends the worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import optuna
+import sqlalchemy.exc
+import torch
+from optuna.trial import TrialState
+
+from pipeline.data import load_fashion_mnist
+from pipeline.device import configure_cpu_threads, pick_device
+from pipeline.errors import PipelineError
+from pipeline.progress import epoch_bar
+from pipeline.search import attrs
+from pipeline.search.interrupts import InterruptGate
+from pipeline.search.objective import TRIAL_ERRORS, Objective
+from pipeline.search.study import open_study, quiet_optuna
+from pipeline.search.summary import COMPLETE_OR_PRUNED, ProgressLine, count_complete_or_pruned, count_failed
+from pipeline.stores import StorageError, database_problem, open_storage
+
+# The storage went away (a database restart, a network cut): the worker waits for it, then goes on.
+# A query cut short leaves its session needing a rollback, which is what the next one raises.
+STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError)
+RECONNECT_SECONDS = 120
+# Storage losses a worker recovers from while no trial finishes; the next one ends it: not a blip.
+MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL = 3
+
+
+class WorkerFailed(PipelineError):
+    """A worker process ended on an unexpected error (its traceback is printed above)."""
+
+
+class StorageLosses:
+    """Counts the storage losses since a trial last finished; an Optuna callback resets it."""
+
+    def __init__(self, limit: int = MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL):
+        self.limit = limit
+        self.since_a_trial_finished = 0
+
+    def lost(self) -> bool:
+        """One more loss; whether the worker may still recover from it."""
+        self.since_a_trial_finished += 1
+        return self.since_a_trial_finished <= self.limit
+
+    def __call__(self, study, trial) -> None:
+        self.since_a_trial_finished = 0
+
+
+def run_worker_processes(session, trial_trackers, started: float) -> None:
+    """``session.workers`` spawned processes on the same study; the first error or Ctrl-C ends them all."""
+    # spawn, not fork: each worker starts clean (own CUDA context, own SQLite connections).
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_entry, args=(session, trial_trackers, i, started), name=f"worker-{i}")
+                 for i in range(session.workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:  # a terminal sends SIGINT to all; `kill -INT` reaches only us
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:
+            process.join(timeout=60)
+        raise
+    crashed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    if crashed:  # its traceback is above; the session must not look like a success
+        raise WorkerFailed(f"{', '.join(crashed)} stopped on an error (its traceback is above); finished trials "
+                           f"are kept: run the same command again to continue")
+
+
+def _worker_entry(session, trial_trackers, worker: int, started: float) -> None:
+    try:
+        work(session, trial_trackers, worker=worker, started=started)
+    except KeyboardInterrupt:
+        pass  # the parent reports the interruption
+
+
+def work(session, trial_trackers, *, worker: int, started: float) -> None:
+    """One worker: load the data once, then run trials until the study's target or the deadline."""
+    spec = session.spec
+    device = pick_device(session.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", worker % torch.cuda.device_count())  # one worker per GPU
+    configure_cpu_threads(session.workers)
+    quiet_optuna()
+    study = _open_for_worker(session, trial_trackers, worker)
+    objective = None
+    deadline = None if session.timeout is None else started + session.timeout
+    gate = InterruptGate()
+    losses = StorageLosses()
+    while True:
+        try:
+            # Failed trials do not count towards the target, so go round until enough have finished.
+            remaining = session.target_trials - count_complete_or_pruned(study)
+            seconds_left = None if deadline is None else deadline - time.time()
+            if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
+                return
+            if objective is None:
+                def new_bar(trial_number, epochs):  # one line per worker on a terminal
+                    return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
+
+                objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
+                                      checkpoints=True)
+            before = count_complete_or_pruned(study)
+            failed_before = count_failed(study)
+            with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
+                study.optimize(
+                    gate.objective(objective),
+                    n_trials=remaining,
+                    timeout=seconds_left,
+                    catch=TRIAL_ERRORS,  # a diverged or out-of-memory trial is FAIL with its reason; the study goes on
+                    callbacks=[
+                        # The target across workers: each stops once the study has enough.
+                        optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
+                        ProgressLine(started, spec.max_epochs),
+                        losses,
+                        gate.after_trial,
+                    ],
+                )
+        except Exception as error:
+            lost = storage_loss(error)
+            if lost is None or not losses.lost():
+                raise
+            print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
+                  f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
+            study = _open_for_worker(session, trial_trackers, worker, patience=RECONNECT_SECONDS)
+            if objective is not None and objective.current_trial is not None:
+                _retry_lost_trial(study, objective.current_trial, trial_trackers)
+            continue
+        out_of_time = deadline is not None and time.time() >= deadline
+        if count_complete_or_pruned(study) == before and not out_of_time:
+            failed = count_failed(study) - failed_before
+            print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
+            return
+
+
+def storage_loss(error: BaseException | None) -> BaseException | None:
+    """The lost connection behind ``error``, raised as it is or wrapped (Optuna raises a
+    StorageInternalError from it); None when the error is something else."""
+    while error is not None:
+        if isinstance(error, STORAGE_LOST):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _open_for_worker(session, trial_trackers, worker: int, patience: float = 0):
+    """The study, through a storage whose stale-trial callback also marks the trial's MLflow run;
+    with ``patience``, retried until the storage answers again or that many seconds pass."""
+    give_up = time.time() + patience
+    while True:
+        try:
+            return open_study(session.spec, open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial),
+                              worker=worker)
+        except Exception as error:
+            if not (isinstance(error, StorageError) or storage_loss(error)) or time.time() >= give_up:
+                raise
+            time.sleep(2)
+
+
+def _retry_lost_trial(study: optuna.Study, number: int, trial_trackers) -> None:
+    """The trial that was running when the storage went: FAIL it if it is still RUNNING, mark its run,
+    and queue its parameters again (it resumes from its checkpoint). Left alone: a trial recorded
+    before the loss (COMPLETE, PRUNED, or FAIL with its own reason), and one already re-queued (by
+    another worker, or by Optuna's heartbeat retry)."""
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None or trial.state not in (TrialState.RUNNING, TrialState.FAIL):
+        return
+    if attrs.FAIL_REASON in trial.user_attrs or trial.user_attrs.get(attrs.INTERRUPTED):
+        return  # diverged, out of memory or Ctrl-C: it ended for its own reason
+    if any(t.user_attrs.get(attrs.RETRY_OF) == number or t.system_attrs.get("failed_trial") == number for t in trials):
+        return
+    if trial.state == TrialState.RUNNING:
+        try:
+            study.tell(number, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # another worker found it stale and failed it first; Optuna re-queues it
+    trial_trackers.stale_trial(study, trial, reason="the study storage was lost during this trial; it is retried")
+    study.enqueue_trial(trial.params, user_attrs={attrs.RETRY_OF: number})
