@@ -42,6 +42,7 @@ def one_error_line(stderr: str) -> str:
     (["--set", "lr=0.1"], "'lr' is searched by study mlp"),
     (["--set", "epochs=0"], "epochs"),
     (["--set", "epochs"], "--set expects KEY=VALUE"),
+    (["--set", "model=cnn"], "--set model=cnn contradicts study mlp: it searches 'hidden_sizes'"),
 ])
 def test_a_bad_tune_value_is_one_line_before_anything_runs(tmp_path, capsys, argv, says):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -120,3 +121,42 @@ def test_every_form_of_password_in_a_url_is_masked(url, shown):
     from pipeline.stores import redact
 
     assert redact(url) == shown
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("device, says", [
+    ("cuda", "torch sees no CUDA GPU on this machine. Fix: --device cpu"),
+    ("cuda:7", "torch sees no CUDA GPU on this machine"),
+    ("gpu", "--device 'gpu' is not a device. Fix: auto"),
+    ("mps", "--device mps: this project trains on a CPU or a CUDA GPU only"),
+])
+def test_a_device_this_machine_does_not_have_is_one_line_before_anything_runs(tmp_path, capsys, synthetic_env,
+                                                                             command, device, says):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    storage = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"] if command == "tune" else []
+    code, stderr = run_main(capsys, command, "--device", device, *storage)
+    assert code == 1 and says in one_error_line(stderr)
+    assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("command, variable", [("dashboard", "DASHBOARD_PORT"), ("ui", "UI_PORT")])
+def test_a_port_already_taken_is_one_line_naming_the_variable_that_moves_it(tmp_path, capsys, monkeypatch,
+                                                                            command, variable):
+    import socket
+
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with socket.socket() as holder:  # another program on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, stderr = run_main(capsys, command, "--port", str(port))
+    line = one_error_line(stderr)
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in line and variable in line
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "http"])
+def test_a_port_that_is_no_port_number_is_refused_by_the_parser(capsys, port):
+    code, stderr = run_main(capsys, "dashboard", "--port", port)
+    assert code == 2 and "is not a port number (1-65535)" in one_error_line(stderr)

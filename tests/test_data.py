@@ -222,15 +222,14 @@ def test_a_file_changed_after_caching_is_read_again_not_served_from_the_cache(tm
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, synthetic_dir, synthetic_dataset):
     monkeypatch.setenv(data_cache.ENV_VAR, str(tmp_path / "cache"))
     load_fashion_mnist(synthetic_dir, custom=True)
-    make_splits(synthetic_dataset, val_size=200)
+    computed = make_splits(synthetic_dataset, val_size=200).val_labels  # made, then cached
     entries = sorted((tmp_path / "cache").glob("*.npz"))
     assert [e.name.split("-")[0] for e in entries] == ["decoded", "split"]
     for entry in entries:
         entry.write_bytes(entry.read_bytes()[:1000])  # a writer killed half-way, say
     again = load_fashion_mnist(synthetic_dir, custom=True)
     assert torch.equal(again.train_images, synthetic_dataset.train_images) and again.checksum == synthetic_dataset.checksum
-    split = make_splits(again, val_size=200)
-    assert torch.equal(split.val_labels, make_splits(synthetic_dataset, val_size=200).val_labels)
+    assert torch.equal(make_splits(again, val_size=200).val_labels, computed)
     assert all(e.stat().st_size > 1000 for e in entries)  # rewritten whole
 
 

@@ -27,14 +27,6 @@ def objective(trial):
     return trial.suggest_float("x", 0, 1)
 
 
-def test_without_the_gate_ctrl_c_in_ask_strands_a_running_trial():
-    # Why the gate exists: this is what plain `optimize` leaves behind.
-    study = optuna.create_study(sampler=InterruptingSampler(at_trial=1))
-    with pytest.raises(KeyboardInterrupt):
-        study.optimize(objective, n_trials=3)
-    assert study.trials[1].state == TrialState.RUNNING
-
-
 def test_with_the_gate_ctrl_c_in_ask_fails_that_trial_and_stops_the_study():
     study = optuna.create_study(sampler=InterruptingSampler(at_trial=1))
     gate = InterruptGate()

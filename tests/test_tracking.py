@@ -13,6 +13,7 @@ from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
 from pipeline.search import attrs
 from pipeline.search.session import run_session
 from pipeline.search.summary import format_summary
+from pipeline.stores import StorageError
 from tests.shrunk import DIVERGES, HOPELESS, LEARNS, enqueue, session, storage_in, tracker_for
 
 
@@ -200,7 +201,7 @@ def test_a_model_trained_on_custom_data_never_displaces_a_champion_trained_on_ot
 def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(tmp_path, synthetic_env):
     tuning = dataclasses.replace(session(tmp_path, trials=1), storage=f"sqlite:///{tmp_path}/no/such/folder/optuna.db")
     tracker = tracker_for(tuning)
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError, match="cannot open the Optuna storage"):
         run_session(tuning, tracker)
     assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
 

@@ -1,0 +1,76 @@
+"""A worker's trial loop as a session runs it: storage losses it recovers from and the one that
+ends it, and a study file edited while the session runs."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+import pipeline.search.objective as objective
+from pipeline.paths import STUDIES_DIR
+from pipeline.search import attrs
+from pipeline.search.session import run_session
+from pipeline.search.workers import MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL
+from tests.shrunk import LEARNS, enqueue, session, storage_in
+
+
+def lose_the_storage_on(monkeypatch, calls_that_fail: set[int]) -> list[int]:
+    """The trainer raises a lost database connection (as a PostgreSQL restart does mid-epoch) on
+    these calls, counted from 1, and trains normally on the others; returns the call log."""
+    real_train, calls = objective.train, []
+
+    def train(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) in calls_that_fail:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "train", train)
+    return calls
+
+
+def test_a_worker_rides_out_storage_losses_that_finished_trials_separate(tmp_path, synthetic_env, monkeypatch,
+                                                                        capsys):
+    # One more loss than the limit, each after a trial finished: blips hours apart, never a dead storage.
+    losses = MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL + 1
+    calls = lose_the_storage_on(monkeypatch, {2 * i for i in range(1, losses + 1)})
+    enqueue(tmp_path, "mlp", *[LEARNS] * (losses + 1))
+    summary = run_session(session(tmp_path, trials=losses + 1, epochs=1))
+    assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == losses + 1
+    trials = optuna.load_study(study_name="mlp", storage=storage_in(tmp_path)).trials
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(lost) == losses and len(calls) == 2 * losses + 1
+    retried = {t.user_attrs.get(attrs.RETRY_OF) for t in trials}
+    assert all(t.number in retried for t in lost)  # each lost trial was run again
+    assert capsys.readouterr().out.count("lost the study storage") == losses
+
+
+def test_a_storage_that_keeps_failing_ends_the_worker_with_its_error(tmp_path, synthetic_env, monkeypatch):
+    # Losses with no trial finishing between them: the limit is recovered from, the next one ends it.
+    calls = lose_the_storage_on(monkeypatch, set(range(1, 100)))
+    enqueue(tmp_path, "mlp", LEARNS)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="server closed the connection"):
+        run_session(session(tmp_path, trials=2, epochs=1))
+    assert len(calls) == MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL + 1
+
+
+def test_a_study_file_edited_during_a_session_changes_nothing_in_it(tmp_path, synthetic_env, monkeypatch):
+    # The session runs what was validated when it started; the file is read once, not per worker or phase.
+    study_file = tmp_path / "mlp.toml"
+    shipped = (STUDIES_DIR / "mlp.toml").read_text()
+    study_file.write_text(shipped.replace("max_epochs = 60", "max_epochs = 3"))  # a short final phase
+    tuning = session(tmp_path, str(study_file), trials=2, epochs=2, final_phase=True)
+    real_train, epochs_trained = objective.train, []
+
+    def train_and_edit(config, *args, **kwargs):
+        study_file.write_text("this is not TOML any more [")  # a user saves a half-edited file
+        epochs_trained.append(config.epochs)
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(objective, "train", train_and_edit)
+    enqueue(tmp_path, "mlp", LEARNS, LEARNS)
+    summary = run_session(tuning)
+    assert epochs_trained == [2, 2, 3]  # both trials, then the final phase the file asked for at the start
+    assert summary["final"]["epochs"] == 3
