@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.paths import STUDIES_DIR
 from pipeline.stores import first_line
 
@@ -28,6 +29,18 @@ CHECKPOINT_DIR_ENV = "CHECKPOINT_DIR"
 
 def checkpoint_dir() -> Path:
     return Path(os.environ.get(CHECKPOINT_DIR_ENV) or STUDIES_DIR / "checkpoints")
+
+
+class CheckpointDirError(PipelineError):
+    """$CHECKPOINT_DIR names something that is not a folder."""
+
+
+def check_checkpoint_dir() -> None:
+    """Before a study starts: a file where the folder should be would fail every trial after its first epoch."""
+    folder = checkpoint_dir()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointDirError(f"{CHECKPOINT_DIR_ENV}={folder} is a file, not a folder. Fix: name a folder (it is "
+                                 f"created if missing), or unset it for {STUDIES_DIR / 'checkpoints'}")
 
 
 class TrialCheckpoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -24,6 +25,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
+def reports_folder(path: Path) -> Path:
+    """--reports-dir, checked before any work: a file there would fail after the work is done."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--reports-dir {path} is a file, not a folder; name a folder (it is created if missing)")
+    return path
+
+
 def run_data(args: argparse.Namespace) -> int:
     from pipeline.fetch import ensure_dataset
 
@@ -35,10 +43,12 @@ def run_data(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
-    if args.model:
-        overrides["model"] = args.model
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
+    for key, flag in (("model", args.model), ("epochs", args.epochs)):
+        if flag is None:
+            continue
+        if key in overrides and str(overrides[key]) != str(flag):
+            raise ConfigError(f"--{key} {flag} and --set {key}={overrides[key]} disagree; give one of them")
+        overrides[key] = flag
     config = TrainConfig().replace(**overrides)  # a bad key fails here, before any slow import
 
     from pipeline.data import load_fashion_mnist, make_splits, normalize
@@ -99,22 +109,33 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from pipeline.device import pick_device
+    from pipeline.checkpoints import check_checkpoint_dir
+    from pipeline.device import available_cpus, pick_device
     from pipeline.search.session import Session, run_session
+    from pipeline.search.study import check_study_matches
     from pipeline.search.study_file import load_study
     from pipeline.search.summary import format_summary
-    from pipeline.stores import open_storage, redact, storage_url
+    from pipeline.stores import check_tracking_store, heartbeat_seconds, open_storage, redact, storage_url
     from pipeline.tracking import session_tracker
 
     settings = parse_overrides(args.overrides)
     spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
     if args.workers < 1:
         raise ConfigError(f"--workers (WORKERS) must be at least 1, got {args.workers}")
+    if args.workers > available_cpus():  # each worker needs a core for itself, GPU or not
+        raise ConfigError(f"--workers (WORKERS) {args.workers} is more than this machine's {available_cpus()} CPU "
+                          f"cores; each worker process needs one. Fix: at most {available_cpus()}, and more "
+                          f"machines on a shared storage beyond that (docs/scaling-out.md)")
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials (TRIALS) must be at least 1, got {args.trials}")
-    if args.timeout is not None and args.timeout <= 0:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ConfigError(f"--timeout (TIMEOUT) must be a positive number of seconds, got {args.timeout:g}")
-    pick_device(args.device)  # a device this machine does not have is one line here, not in every worker
+    # What would fail in every worker, or after the study and its MLflow run exist, fails here, in one line.
+    pick_device(args.device)
+    check_checkpoint_dir()
+    heartbeat_seconds()
+    if args.tracking:
+        check_tracking_store()
     session = Session(
         spec=spec, storage=storage_url(args.storage),
         target_trials=args.trials if args.trials is not None else spec.trials,
@@ -125,7 +146,8 @@ def run_tune(args: argparse.Namespace) -> int:
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
     print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
           f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
-    open_storage(session.storage)  # a wrong URL or password is one line here, before any MLflow run exists
+    # A wrong URL or password, or a study of that name from another file: one line, before any MLflow run exists.
+    check_study_matches(spec, open_storage(session.storage))
     tracker = session_tracker(spec, session.storage, enabled=args.tracking)
     try:
         summary = run_session(session, tracker)
@@ -147,7 +169,7 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
     configure_mlflow()
     alias = None if args.version is not None else args.alias
     result = evaluate_registered(args.model, alias=alias, version=args.version, prune_sweep=args.prune_sweep,
-                                 reports_dir=args.reports_dir or REPORTS_DIR)
+                                 reports_dir=reports_folder(args.reports_dir or REPORTS_DIR))
     print(format_report(result))
     if args.json:
         print(json.dumps(result))
@@ -161,9 +183,10 @@ def run_compare(args: argparse.Namespace) -> int:
     from pipeline.stores import configure_mlflow, open_storage, storage_url
 
     quiet_optuna()
-    records = compare(open_storage(storage_url(args.storage)), args.studies)
+    reports = reports_folder(args.reports_dir or REPORTS_DIR)
+    records = compare(open_storage(storage_url(args.storage), must_exist=True), args.studies)
     print(format_table(records))
-    page = write_page(records, args.reports_dir or REPORTS_DIR)
+    page = write_page(records, reports)
     print(f"\nfigures: {page}")
     if args.tracking:
         configure_mlflow()
@@ -183,7 +206,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
 
     quiet_optuna()
     storage = storage_url(args.storage)
-    opened = open_storage(storage)
+    opened = open_storage(storage, must_exist=True)
     require_free_port(args.host, args.port, what="optuna-dashboard", variable=args.port_variable)
     print(f"optuna-dashboard for {redact(storage)} on http://{args.host}:{args.port}", flush=True)
     try:
@@ -224,7 +247,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pipeline.stores import configure_mlflow, redact
 
     uri = configure_mlflow()
-    version = resolve_version(args.model, alias=args.alias, version=None)  # one clear line if it is missing
+    version = resolve_version(args.model, alias=args.alias, version=None, others="--alias NAME")  # one line if missing
     require_free_port(args.host, args.port, what="the scoring server", variable=args.port_variable)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves models:/ itself
     bin_dir = Path(sys.executable).parent

@@ -126,7 +126,10 @@ def _coerce_to(hint: Any, value: Any) -> Any:
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(hint)
         if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
+            parts = value.split(",")
+            if value.strip() and not all(part.strip() for part in parts):
+                raise ValueError(f"an empty entry in {value!r}; write the numbers separated by single commas")
+            value = [part for part in parts if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list of {item_type.__name__}")
         return tuple(_coerce_to(item_type, item) for item in value)

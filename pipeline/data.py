@@ -122,7 +122,7 @@ def load_fashion_mnist(directory: Path | None = None, *, custom: bool = False) -
     announced on stderr, so nobody mistakes its figures for Fashion-MNIST's."""
     if directory is None and os.environ.get(CUSTOM_ENV_VAR):
         directory, custom = Path(os.environ[CUSTOM_ENV_VAR]), True
-    files = _raw_files(directory)
+    files = _raw_files(directory, custom=custom)
     source = files[RAW_FILES[0]].parent
     key = data_cache.key_of(files[name] for name in RAW_FILES)
     cached = data_cache.load_decoded(key)
@@ -158,13 +158,15 @@ def dataset_checksum(digests: dict[str, str]) -> str:
     return hashlib.sha256("".join(digests[n] for n in RAW_FILES).encode()).hexdigest()
 
 
-def _raw_files(directory: Path | None) -> dict[str, Path]:
+def _raw_files(directory: Path | None, *, custom: bool = False) -> dict[str, Path]:
     if directory is None:
         return locate_dataset()
     files = find_raw_files(Path(directory))
     if files is None:
-        raise DatasetError(f"Fashion-MNIST not found in {directory}: it needs {', '.join(RAW_FILES)} "
-                           f"(or their .gz). {FIX}")
+        fix = (f"Fix: point {CUSTOM_ENV_VAR} at a folder holding those four files, or unset it to use the official "
+               f"Fashion-MNIST." if custom else FIX)
+        raise DatasetError(f"{'the custom dataset' if custom else 'Fashion-MNIST'} not found in {directory}: it "
+                           f"needs {', '.join(RAW_FILES)} (or their .gz). {fix}")
     return files
 
 
@@ -184,7 +186,7 @@ def verified_torchvision_root(directory: Path | None = None, *, custom: bool = F
     """A scratch folder laid out as torchvision's FashionMNIST expects (FashionMNIST/raw/), holding the
     decompressed files after their content is verified against the official checksums (unless
     ``custom``). Yields (root, source folder, each file's SHA-256)."""
-    files = _raw_files(directory)
+    files = _raw_files(directory, custom=custom)
     source = files[RAW_FILES[0]].parent
     digests = {}
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as scratch:
@@ -254,7 +256,12 @@ class Splits:
 def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) -> Splits:
     """Stratified validation split out of the training images; optional stratified training subset."""
     if val_size >= len(dataset.train_labels):
-        raise DatasetError(f"val_size={val_size} leaves no training images out of {len(dataset.train_labels)}.")
+        raise DatasetError(f"val_size={val_size} leaves no training images out of {len(dataset.train_labels)}. "
+                           f"Fix: a smaller val_size (the default is {10_000})")
+    if 0 < train_subset < N_CLASSES or val_size < N_CLASSES:
+        raise DatasetError(f"train_subset={train_subset}, val_size={val_size}: a stratified split needs at least "
+                           f"{N_CLASSES} images on each side (one per class). Fix: train_subset=0 (all) or >= "
+                           f"{N_CLASSES}, val_size >= {N_CLASSES}")
     # A dataset built in memory has no checksum to name its split by: it is split afresh each time.
     key = dataset.checksum and data_cache.split_key(dataset.checksum, val=val_size, subset=train_subset,
                                                     seed=SPLIT_SEED)

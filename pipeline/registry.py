@@ -127,7 +127,7 @@ def promote_best_trial(study) -> dict | None:
             "outcome": promote(version)}
 
 
-def resolve_version(name: str, *, alias: str | None, version: int | None):
+def resolve_version(name: str, *, alias: str | None, version: int | None, others: str = "--version N / --alias NAME"):
     """The model version an alias or number names, with one clear error for each way it can be missing."""
     import mlflow
     import requests
@@ -138,6 +138,8 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
 
     client = mlflow.MlflowClient()
     uri = redact(mlflow.get_tracking_uri())
+    if not name.strip():
+        raise RegistryError(f"--model is empty; name a registered model (the pipeline registers {REGISTERED_MODEL})")
     try:
         client.get_registered_model(name)
     except MlflowException as error:
@@ -160,4 +162,4 @@ def resolve_version(name: str, *, alias: str | None, version: int | None):
     except MlflowException:
         wanted = f"version {version}" if version is not None else f"alias {alias!r}"
         raise RegistryError(f"model {name!r} has no {wanted} in {uri}. Fix: run `make tune` until a model is "
-                            f"promoted, or pick another with --version N / --alias NAME.") from None
+                            f"promoted, or pick another with {others}.") from None

@@ -214,6 +214,9 @@ class Services:
 
     def start(self, *, host: str = "127.0.0.1", pg_port: int | None = None, mlflow_port: int | None = None) -> dict:
         """Start what is not running (creating the cluster on first use); return the state."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ServicesError(f"{SERVICES_DIR_ENV}={self.root} is a file, not a folder. Fix: name a folder (it is "
+                                f"created), or unset it for {REPO_ROOT / '.services'}")
         ensure_postgres_installed()
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:

@@ -7,11 +7,13 @@ user set a make variable, so this module is the one place the defaults live.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
 import warnings
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.paths import MLRUNS_DIR, STUDIES_DIR
@@ -25,6 +27,7 @@ HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for 3 inter
 CONNECT_TIMEOUT_SECONDS = 5  # a database host that does not answer is reported, not waited on for minutes
 SERVER_PROBE_SECONDS = 5  # how long to wait for a tracking server before saying it is not there
 # scheme://user:PASSWORD@ - up to the last @ before the host, since a password may hold a /.
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/:@]*):([^@]*)@", flags=re.IGNORECASE)
 
 
@@ -52,23 +55,33 @@ def redact(url: str) -> str:
 def heartbeat_seconds() -> int:
     """Seconds between a running trial's heartbeats ($OPTUNA_HEARTBEAT_SECONDS, default 10); a trial
     silent for three of them counts as stale. The tests shorten it to kill workers quickly."""
-    return int(os.environ.get(HEARTBEAT_ENV) or HEARTBEAT_SECONDS)
+    value = os.environ.get(HEARTBEAT_ENV) or str(HEARTBEAT_SECONDS)
+    if not value.strip().isdigit() or int(value) < 1:
+        raise StorageError(f"{HEARTBEAT_ENV}={value!r}: it must be a whole number of seconds, at least 1. "
+                           f"Fix: unset it (default {HEARTBEAT_SECONDS})")
+    return int(value)
 
 
-def open_storage(url: str, *, on_stale_trial=None):
+def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
     """An Optuna RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file for a path.
 
     A trial whose worker stopped beating (killed, machine lost) is failed by the next worker that
     asks for a trial and re-queued by Optuna's RetryHeartbeatStaleTrialCallback; ``on_stale_trial``
     (study, trial) runs after that, to mark the trial's MLflow run. A database that cannot be
     reached, or refuses the password, is one StorageError naming it (password masked) and the fix.
+    With ``must_exist`` (commands that only read studies), a storage file that is not there is an
+    error instead of a new empty one.
     """
     import optuna
 
+    file = _storage_file(url)
+    if must_exist and file is not None and not file.exists():
+        raise StorageError(f"no Optuna storage at {file}: nothing has been tuned there yet. Fix: run `make tune` "
+                           f"first, or correct STORAGE / OPTUNA_STORAGE (the default is {DEFAULT_STORAGE}).")
     if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
+        return _journal_storage(Path(url))
+    if file is not None:
+        _check_sqlite_file(file, url)
     if url.startswith("sqlite"):
         # timeout: wait for a busy writer, not "database is locked". isolation_level None hands
         # transactions to SQLAlchemy, so that _serialize_sqlite can begin each one IMMEDIATE.
@@ -98,11 +111,64 @@ def open_storage(url: str, *, on_stale_trial=None):
     except sqlalchemy.exc.ArgumentError:  # an unknown scheme, or a URL SQLAlchemy cannot parse
         raise StorageError(f"{redact(url)} is not a storage URL Optuna can open. Fix: use sqlite:///path.db, "
                            f"postgresql://user:password@host:port/db, or a journal file path (no ://).") from None
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as error:
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.DatabaseError) as error:
         # refused, timed out, wrong password, no such database, no right to create Optuna's tables
         reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
                            f"{_storage_fix(reason)}") from None
+
+
+def _storage_file(url: str) -> Path | None:
+    """The file a SQLite URL or a journal path names; None for a database server."""
+    if "://" not in url:
+        return Path(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+def _check_sqlite_file(file: Path, url: str) -> None:
+    if file.is_dir():
+        raise StorageError(f"{url} names a folder, not a database file. Fix: sqlite:///{file}/optuna.db, say.")
+    if not file.parent.is_dir():
+        raise StorageError(f"{url}: the folder {file.parent} does not exist. Fix: create it, or name a .db file "
+                           f"in a folder that exists.")
+    if file.exists() and file.stat().st_size and not file.read_bytes()[:16] == SQLITE_HEADER:
+        raise StorageError(f"{url}: {file} is not an SQLite database. Fix: name a new .db file, or the right one.")
+
+
+def _journal_storage(path: Path):
+    """Optuna's journal file storage, after the checks that its own errors would leave as tracebacks."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if path.is_dir():
+        raise StorageError(f"{path} is a folder; a journal storage is a file (a path without :// names one). Fix: "
+                           f"{path}/optuna.journal, say, or sqlite:///{path}/optuna.db.")
+    if not path.parent.is_dir():
+        raise StorageError(f"the folder of the journal file {path} does not exist. Fix: create {path.parent}, or "
+                           f"name a file in a folder that exists.")
+    if path.exists() and path.read_bytes()[:16] == SQLITE_HEADER:
+        raise StorageError(f"{path} is an SQLite database, but a path without :// names a journal file. Fix: "
+                           f"--storage sqlite:///{path.resolve()}")
+    if path.exists() and not _is_journal(path):
+        raise StorageError(f"{path} is not an Optuna journal file (it does not hold Optuna's JSON log lines). "
+                           f"Fix: name another file, or sqlite:///path.db.")
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _is_journal(path: Path) -> bool:
+    """Empty, or its first line is one of Optuna's journal records (Optuna skips lines it cannot parse,
+    then appends its own: it would write into any text file)."""
+    with path.open("rb") as file:
+        first = file.readline()
+    if not first:
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def _storage_fix(reason: str) -> str:
@@ -110,6 +176,8 @@ def _storage_fix(reason: str) -> str:
         return "correct the user and password in STORAGE / OPTUNA_STORAGE."
     if "does not exist" in reason:
         return "create the database (createdb NAME), or name one that exists."
+    if "unable to open database file" in reason:
+        return "check that the folder of the .db file exists and can be written."
     if "permission denied" in reason:
         return "let the user create tables in the database (GRANT CREATE ON SCHEMA public TO user), or use its owner."
     return ("start the database, or correct the host and port (`make services` starts a local PostgreSQL; "
@@ -178,8 +246,9 @@ def _serialize_sqlite(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class TrackingServerError(PipelineError):
-    """$MLFLOW_TRACKING_URI names a server that does not answer; the message gives the fix."""
+class TrackingStoreError(PipelineError):
+    """$MLFLOW_TRACKING_URI names a store MLflow cannot use, or a server that does not answer; the
+    message gives the fix."""
 
 
 def configure_mlflow() -> str:
@@ -190,12 +259,31 @@ def configure_mlflow() -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links, per call
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines between our progress lines
-    uri = tracking_uri()
+    uri = check_tracking_store()
     if uri == DEFAULT_TRACKING_URI:
         MLRUNS_DIR.mkdir(exist_ok=True)
     if is_server(uri):
         check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_tracking_store() -> str:
+    """tracking_uri(), if it is a store this project can use (cheap: no MLflow import), else one
+    TrackingStoreError. A file path would be MLflow's file store, which MLflow 3 keeps in maintenance
+    mode and which has no model registry; a SQLite URL must name a database file (its folder MLflow
+    creates)."""
+    uri = tracking_uri()
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingStoreError(f"{TRACKING_ENV}={redact(uri)} is a file path; this project tracks in a database "
+                                 f"or a server. Fix: sqlite:///path/mlflow.db or http://host:port (unset it for "
+                                 f"{DEFAULT_TRACKING_URI}).")
+    file = _storage_file(uri)
+    if file is not None and (file.is_dir() or (file.is_file() and file.stat().st_size
+                                                and file.read_bytes()[:16] != SQLITE_HEADER)):
+        what = "a folder" if file.is_dir() else "not an SQLite database"
+        raise TrackingStoreError(f"{TRACKING_ENV}={uri}: {file} is {what}. Fix: name an MLflow database file "
+                                 f"(sqlite:///path/mlflow.db), or unset it for {DEFAULT_TRACKING_URI}.")
     return uri
 
 
@@ -209,7 +297,7 @@ def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> No
         health_answer(uri, timeout)
     except (OSError, ValueError) as error:  # refused, DNS, timeout, a malformed URI
         reason = getattr(error, "reason", error)
-        raise TrackingServerError(
+        raise TrackingStoreError(
             f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: start it (`mlflow server "
             f"--backend-store-uri ...`), or unset {TRACKING_ENV} to use the local store under mlruns/."
         ) from None

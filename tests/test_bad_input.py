@@ -10,6 +10,7 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.__main__ import main
+from pipeline.paths import STUDIES_DIR
 from pipeline.search import attrs
 from tests.conftest import idx_bytes, write_dataset
 from tests.shrunk import session
@@ -145,8 +146,11 @@ def test_a_port_already_taken_is_one_line_naming_the_variable_that_moves_it(tmp_
                                                                             command, variable):
     import socket
 
+    import optuna
+
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    optuna.create_study(study_name="tuned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     with socket.socket() as holder:  # another program on the port
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -160,3 +164,97 @@ def test_a_port_already_taken_is_one_line_naming_the_variable_that_moves_it(tmp_
 def test_a_port_that_is_no_port_number_is_refused_by_the_parser(capsys, port):
     code, stderr = run_main(capsys, "dashboard", "--port", port)
     assert code == 2 and "is not a port number (1-65535)" in one_error_line(stderr)
+
+
+def sqlite_file(path):
+    import sqlite3
+
+    sqlite3.connect(path).execute("create table t (x)").connection.close()
+    return path
+
+
+# (argument or environment variable, how to make the bad thing under tmp_path, what the line says)
+FILES_THAT_ARE_NOT_WHAT_THEIR_NAME_SAYS = [
+    ("--storage", lambda d: d / "no-folder" / "o.journal", "the folder of the journal file"),
+    ("--storage", lambda d: d, "is a folder; a journal storage is a file"),
+    ("--storage", lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "is not an Optuna journal file"),
+    ("--storage", lambda d: sqlite_file(d / "studies.db"), "is an SQLite database, but a path without :// names"),
+    ("--storage", lambda d: "sqlite:///" + str((d / "n.txt").write_text("hi") and d / "n.txt"),
+     "is not an SQLite database"),
+    ("MLFLOW_TRACKING_URI", lambda d: d / "mlruns", "is a file path; this project tracks in a database or a server"),
+    ("MLFLOW_TRACKING_URI", lambda d: "file://" + str(d / "mlruns"), "is a file path"),
+    ("MLFLOW_TRACKING_URI", lambda d: f"sqlite:///{d}", "is a folder. Fix: name an MLflow database file"),
+    ("MLFLOW_TRACKING_URI", lambda d: "sqlite:///" + str((d / "m.db").write_text("x") and d / "m.db"),
+     "is not an SQLite database"),
+    ("CHECKPOINT_DIR", lambda d: (d / "c.txt").write_text("x") and d / "c.txt", "is a file, not a folder"),
+    ("OPTUNA_HEARTBEAT_SECONDS", lambda d: "abc", "must be a whole number of seconds, at least 1"),
+    ("OPTUNA_HEARTBEAT_SECONDS", lambda d: "0", "must be a whole number of seconds, at least 1"),
+]
+
+
+@pytest.mark.parametrize("where, make, says", FILES_THAT_ARE_NOT_WHAT_THEIR_NAME_SAYS)
+def test_a_store_or_folder_that_is_not_what_its_name_says_is_one_line_before_anything_runs(
+        tmp_path, capsys, monkeypatch, synthetic_env, where, make, says):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    value = str(make(bad))
+    before = sorted(bad.rglob("*"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = ["--storage", value] if where == "--storage" else ["--storage", f"sqlite:///{tmp_path / 'o.db'}"]
+    if where != "--storage":
+        monkeypatch.setenv(where, value)
+    code, stderr = run_main(capsys, "tune", *storage, "--set", "epochs=1")
+    assert code == 1 and says in one_error_line(stderr)
+    assert sorted(bad.rglob("*")) == before  # nothing written into what was named
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o.db").exists()
+
+
+def test_a_study_of_the_same_name_from_another_family_is_refused(tmp_path, capsys, synthetic_env):
+    import optuna
+
+    # A copy of mlp.toml saved as cnn.toml, run against a storage that holds the real cnn study.
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="cnn", storage=storage).set_user_attr(attrs.STUDY_MODEL_FAMILY, "cnn")
+    copy = tmp_path / "cnn.toml"
+    copy.write_text((STUDIES_DIR / "mlp.toml").read_text())
+    code, stderr = run_main(capsys, "tune", "--study", str(copy), "--storage", storage, "--no-tracking")
+    assert code == 1 and "already holds a study 'cnn' of the cnn family" in one_error_line(stderr)
+    assert optuna.load_study(study_name="cnn", storage=storage).trials == []
+
+
+@pytest.mark.parametrize("argv, says, exit_code", [
+    (["tune", "--timeout", "nan"], "--timeout (TIMEOUT) must be a positive number of seconds, got nan", 2),
+    (["tune", "--timeout", "inf"], "--timeout (TIMEOUT) must be a positive number of seconds, got inf", 2),
+    (["tune", "--workers", "1000"], "--workers (WORKERS) 1000 is more than this machine's", 2),
+    (["train", "--set", "hidden_sizes=512,,128"], "an empty entry in '512,,128'", 2),
+    (["train", "--model", "cnn", "--set", "model=mlp"], "--model cnn and --set model=mlp disagree", 2),
+    (["train", "--epochs", "2", "--set", "epochs=1"], "--epochs 2 and --set epochs=1 disagree", 2),
+    (["train", "--set", "train_subset=5", "--set", "val_size=200"], "needs at least 10 images on each side", 1),
+    (["compare", "--reports-dir", "{file}"], "is a file, not a folder", 2),
+    (["evaluate-best", "--reports-dir", "{file}"], "is a file, not a folder", 2),
+    (["evaluate-best", "--model", ""], "--model is empty", 1),
+])
+def test_a_value_a_user_gets_wrong_is_one_line(tmp_path, capsys, monkeypatch, synthetic_env, argv, says, exit_code):
+    import optuna
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'o.db'}")
+    if argv[0] == "compare":
+        optuna.create_study(study_name="tuned", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    (tmp_path / "a-file").write_text("x")
+    code, stderr = run_main(capsys, *[arg.format(file=tmp_path / "a-file") for arg in argv])
+    assert code == exit_code and says in one_error_line(stderr)
+
+
+def test_a_custom_dataset_folder_without_the_files_names_the_variable_to_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_CUSTOM_DIR", str(tmp_path))
+    code, stderr = run_main(capsys, "train", "--epochs", "1")
+    assert code == 1 and "Fix: point FASHION_MNIST_CUSTOM_DIR at a folder holding those four files" in \
+        one_error_line(stderr)
+
+
+def test_services_in_a_folder_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "svc").write_text("x")
+    monkeypatch.setenv("SERVICES_DIR", str(tmp_path / "svc"))
+    code, stderr = run_main(capsys, "services", "start")
+    assert code == 1 and "SERVICES_DIR=" in one_error_line(stderr) and "is a file, not a folder" in stderr

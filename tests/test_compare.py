@@ -91,8 +91,17 @@ def test_parallel_trials_count_once_and_the_time_to_the_best_includes_trials_sti
 
 
 def test_an_empty_storage_is_one_clear_line(tmp_path, capsys):
+    open_storage(f"sqlite:///{tmp_path / 'empty.db'}").engine.dispose()  # Optuna's tables, no study
     assert main(["compare", "--storage", f"sqlite:///{tmp_path / 'empty.db'}", "--no-tracking"]) == 1
     assert "holds no study yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{}/typo.db", "{}/typo.journal"])
+def test_a_storage_that_is_not_there_is_one_line_and_is_not_created(tmp_path, capsys, url):
+    # A typo in STORAGE must not leave an empty database behind (Optuna would create one on opening).
+    assert main(["compare", "--storage", url.format(tmp_path), "--no-tracking"]) == 1
+    assert "nothing has been tuned there yet" in capsys.readouterr().err
+    assert not list(tmp_path.glob("typo*"))
 
 
 def test_a_study_not_in_the_storage_is_one_clear_line(storage_url, capsys):

@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.search import attrs
-from pipeline.search.study_file import StudySpec
+from pipeline.search.study_file import StudyFileError, StudySpec
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
@@ -19,13 +19,33 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: in
     )
 
 
+def study_family(spec: StudySpec) -> str:
+    """The model family a study trains: its fixed one, or "searched"."""
+    return "searched" if "model" in {p.name for p in spec.space} else spec.base_config().model
+
+
+def check_study_matches(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
+    """Refuse to add this file's trials to a study of the same name that trains another model family
+    (two files with one stem, say): its best trial would compare an MLP with a CNN."""
+    existing = next((s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                     if s.study_name == spec.name), None)
+    if existing is None:
+        return
+    theirs = existing.user_attrs.get(attrs.STUDY_MODEL_FAMILY)
+    if theirs is not None and theirs != study_family(spec):
+        raise StudyFileError(f"{spec.path}: the storage already holds a study {spec.name!r} of the {theirs} family "
+                             f"(from {existing.user_attrs.get(attrs.STUDY_FILE, 'another file')}), and this file "
+                             f"trains {study_family(spec)}. Fix: rename the file (the study takes its name), or use "
+                             f"another storage.")
+
+
 def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Once per session, before any worker starts: create the study, record what it is (the dashboard
     shows these attributes, and names the objective's axis), enqueue the study file's known
     configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
     study = open_study(spec, storage)
     study.set_metric_names([spec.objective])
-    family = "searched" if "model" in {p.name for p in spec.space} else spec.base_config().model
+    family = study_family(spec)
     for key, value in ((attrs.STUDY_DESCRIPTION, spec.description), (attrs.STUDY_MODEL_FAMILY, family),
                        (attrs.STUDY_SAMPLER, spec.sampler["name"]), (attrs.STUDY_PRUNER, spec.pruner["name"]),
                        (attrs.STUDY_FILE, str(spec.path))):
