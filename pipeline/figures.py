@@ -77,21 +77,19 @@ def self_contained_html(figures: dict, title: str) -> str:
             f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
 
 
-def optuna_figures(study, *, backend: str = "plotly") -> dict:
-    """Optuna's figures for the study, plotly (interactive) or matplotlib (images); a figure its
-    trials cannot support yet is left out."""
+def optuna_figures(study) -> dict:
+    """Optuna's interactive (plotly) figures for the study's page; a figure its trials cannot support
+    yet is left out. The images for the MLflow UI are study_figures.py's."""
     from optuna import visualization
 
-    plots = visualization if backend == "plotly" else visualization.matplotlib
     figures = {}
     for name in OPTUNA_FIGURES:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "too few trials to compute importances", "experimental"
-                figure = getattr(plots, f"plot_{name}")(study)
+                figures[name] = getattr(visualization, f"plot_{name}")(study)
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue  # e.g. parameter importances need two complete trials with different values
-        figures[name] = figure if backend == "plotly" else figure.figure  # matplotlib's plots return Axes
     return figures
 
 

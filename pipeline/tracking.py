@@ -243,15 +243,15 @@ class SessionTracker:
         import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 
         from pipeline.figures import optuna_figures, self_contained_html
+        from pipeline.study_figures import study_images
 
         if study is None:
             self.client.set_terminated(self.run_id, status)
             return
         page = self_contained_html(optuna_figures(study), f"Optuna study {study.study_name}")
         self.client.log_text(self.run_id, page, "optuna/figures.html")  # interactive, offline: plotly.js inside
-        for name, figure in optuna_figures(study, backend="matplotlib").items():
-            # Shown offline too; "tight" keeps the long parameter names Optuna's layout cuts off.
-            self.client.log_figure(self.run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight"})
+        for name, figure in study_images(study).items():  # shown offline too, legible at hundreds of trials
+            self.client.log_figure(self.run_id, figure, f"optuna/{name}.png")
             plt.close(figure)
         self.client.log_dict(self.run_id, summary, "summary.json")
         best = summary.get("best_trial")
