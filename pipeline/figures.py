@@ -12,13 +12,17 @@ import warnings
 
 import numpy as np
 
-from pipeline.data import CLASSES
-from pipeline.train import EpochMetrics
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch stays out of commands that draw no model's figures (`make compare`)
+    from pipeline.train import EpochMetrics
 
 OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 
 
 def confusion_matrix_plotly(matrix: np.ndarray, title: str):
+    from pipeline.data import CLASSES
+
     import plotly.graph_objects as go
 
     figure = go.Figure(go.Heatmap(z=matrix, x=list(CLASSES), y=list(CLASSES), colorscale="Blues",
@@ -29,6 +33,8 @@ def confusion_matrix_plotly(matrix: np.ndarray, title: str):
 
 def confusion_matrix_matplotlib(matrix: np.ndarray, title: str):
     """The same heatmap as an image (no pyplot: no global state, no display needed)."""
+    from pipeline.data import CLASSES
+
     from matplotlib.figure import Figure
 
     matrix = np.asarray(matrix)
@@ -94,6 +100,8 @@ def optuna_figures(study) -> dict:
 
 
 def per_class_bars(per_class: dict):
+    from pipeline.data import CLASSES
+
     import plotly.graph_objects as go
 
     figure = go.Figure([go.Bar(name=label, x=list(CLASSES), y=[per_class[c][key] for c in CLASSES])

@@ -86,6 +86,7 @@ def test_a_damaged_custom_dataset_is_one_line_naming_it(tmp_path, capsys, monkey
     assert code == 1 and says in one_error_line(stderr)
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path, synthetic_env, monkeypatch):
     import pipeline.search.objective as objective
     from pipeline.search.session import run_session

@@ -242,3 +242,24 @@ def test_a_worker_process_that_crashes_fails_the_session(tmp_path, synthetic_env
                           env=env, timeout=180)
     assert done.returncode == 1  # not a session that looks like a success
     assert "error: worker-0 (exit code 1), worker-1 (exit code 1) stopped on an error" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["compare", "dashboard"])
+def test_compare_and_the_dashboard_never_load_torch_or_the_trainer(tmp_path, command):
+    # Both only read studies: torch and the trainer would add seconds of start-up (and GBs on a GPU box).
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="read-only", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    probe = f"""
+import sys
+import optuna_dashboard
+optuna_dashboard.run_server = lambda *args, **kwargs: None  # the dashboard up to serving, not serving
+from pipeline.__main__ import main
+code = main({[command, "--storage", storage] + (["--no-tracking", "--reports-dir", str(tmp_path)] if command == "compare" else [])!r})
+loaded = sorted(m for m in ("torch", "torchvision", "pipeline.train", "pipeline.data") if m in sys.modules)
+print("loaded:", loaded, "code:", code)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "loaded: [] code: 0" in done.stdout, done.stdout + done.stderr

@@ -200,6 +200,7 @@ def _load_in_a_fresh_process(folder, env) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_gets_the_same_data_and_split_without_decoding_again(tmp_path, synthetic_dir):
     env = {**os.environ, data_cache.ENV_VAR: str(tmp_path / "cache")}
     first = _load_in_a_fresh_process(synthetic_dir, env)

@@ -28,6 +28,7 @@ def load(folder, study="mlp"):
     return optuna.load_study(study_name=study, storage=storage_in(folder))
 
 
+@pytest.mark.slow
 def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, synthetic_env):
     # The mlp study prunes from epoch 3 on, once two trials are complete: two that learn come first.
     enqueue(tmp_path, "mlp", LEARNS, {**LEARNS, "lr": 2e-3}, HOPELESS, DIVERGES)
