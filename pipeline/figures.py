@@ -9,10 +9,9 @@ embedding them is the report's.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch stays out of commands that draw no model's figures (`make compare`)
     from pipeline.train import EpochMetrics
@@ -21,9 +20,9 @@ OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordin
 
 
 def confusion_matrix_plotly(matrix: np.ndarray, title: str):
-    from pipeline.data import CLASSES
-
     import plotly.graph_objects as go
+
+    from pipeline.data import CLASSES
 
     figure = go.Figure(go.Heatmap(z=matrix, x=list(CLASSES), y=list(CLASSES), colorscale="Blues",
                                   text=matrix, texttemplate="%{text}", hovertemplate="true %{y}<br>predicted %{x}<br>%{z}"))
@@ -33,9 +32,9 @@ def confusion_matrix_plotly(matrix: np.ndarray, title: str):
 
 def confusion_matrix_matplotlib(matrix: np.ndarray, title: str):
     """The same heatmap as an image (no pyplot: no global state, no display needed)."""
-    from pipeline.data import CLASSES
-
     from matplotlib.figure import Figure
+
+    from pipeline.data import CLASSES
 
     matrix = np.asarray(matrix)
     figure = Figure(figsize=(7, 6), layout="constrained")
@@ -100,9 +99,9 @@ def optuna_figures(study) -> dict:
 
 
 def per_class_bars(per_class: dict):
-    from pipeline.data import CLASSES
-
     import plotly.graph_objects as go
+
+    from pipeline.data import CLASSES
 
     figure = go.Figure([go.Bar(name=label, x=list(CLASSES), y=[per_class[c][key] for c in CLASSES])
                         for label, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1-score"))])

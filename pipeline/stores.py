@@ -72,7 +72,6 @@ def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
     With ``must_exist`` (commands that only read studies), a storage file that is not there is an
     error instead of a new empty one.
     """
-    import optuna
 
     file = _storage_file(url)
     if must_exist and file is not None and not file.exists():
