@@ -74,3 +74,15 @@ def test_a_study_file_edited_during_a_session_changes_nothing_in_it(tmp_path, sy
     summary = run_session(tuning)
     assert epochs_trained == [2, 2, 3]  # both trials, then the final phase the file asked for at the start
     assert summary["final"]["epochs"] == 3
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_trial_starts_over(tmp_path, capsys):
+    # Saves are atomic, so a damaged file came from a disk or a hand: say so rather than start silently.
+    from pipeline.checkpoints import TrialCheckpoint
+
+    earlier = tmp_path / "checkpoints" / "mlp" / "trial-3.pt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"not a checkpoint")
+    checkpoint = TrialCheckpoint.for_trial("mlp", 7, [3], identity={"params": {}})
+    assert checkpoint.load() is None and checkpoint.resumed_from is None
+    assert f"note: checkpoint {earlier} cannot be read" in capsys.readouterr().out
