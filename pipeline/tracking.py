@@ -17,6 +17,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import Splits
 from pipeline.experiments import ensure_experiment, environment_tags, log_confusion_matrix, log_values
 from pipeline.search import attrs
+from pipeline.stores import first_line
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
 
@@ -124,8 +125,9 @@ class TrialTracker:
     def failed(self, reason: str) -> None:
         try:
             self._sent_epochs()
-        except Exception:  # the trial is failing already: its reason matters more than its last epochs
-            pass
+        except Exception as error:  # the trial is failing already: its reason matters more than its last epochs
+            print(f"note: run {self.run_id}: its last epoch metrics were not all written ({first_line(error)})",
+                  flush=True)
         self.client.set_tag(self.run_id, "fail_reason", reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
 
@@ -153,7 +155,7 @@ class NullTrialTracker:
 
 
 class NullTrialTrackers:
-    """Tracking off: makes NullTrialTrackers, and has no runs to mark when a trial goes stale."""
+    """Tracking off: makes NullTrialTracker instances, and has no runs to mark when a trial goes stale."""
 
     def __call__(self) -> NullTrialTracker:
         return NullTrialTracker()
