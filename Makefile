@@ -75,7 +75,7 @@ test-fast: data ## the quick tier: no slow or real-data tests (under a minute)
 
 smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final phase, registry, evaluate-best
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
-	export MLFLOW_TRACKING_URI="sqlite:///$$scratch/mlflow.db" && \
+	export MLFLOW_TRACKING_URI="sqlite:///$$scratch/mlflow.db" CHECKPOINT_DIR="$$scratch/checkpoints" && \
 	echo "== train: 1 epoch on 2,000 images" && \
 	$(PY) -m pipeline train --epochs 1 --set train_subset=2000 && \
 	echo "== tune: the mlp study, 1 trial of 1 epoch on 2,000 images, then its final phase (that trial retrained, up to 60 epochs)" && \

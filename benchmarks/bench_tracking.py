@@ -56,6 +56,7 @@ def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool)
     from pipeline.tracking import session_tracker
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ["CHECKPOINT_DIR"] = str(folder / "checkpoints")  # not the real study's studies/checkpoints/
     session = Session(load_study(study_file), f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None)
     if tracking:
         import mlflow

@@ -13,7 +13,7 @@ import time
 
 launched_at = float(sys.argv[1])
 
-from pipeline.__main__ import parse_overrides  # noqa: E402  (imports are part of what is timed)
+from pipeline.commands import parse_overrides  # noqa: E402  (imports are part of what is timed)
 from pipeline.config import NOTEBOOK_TEST_ACCURACY, TrainConfig  # noqa: E402
 from pipeline.data import load_fashion_mnist, make_splits, normalize  # noqa: E402
 from pipeline.device import configure_cpu_threads, pick_device  # noqa: E402

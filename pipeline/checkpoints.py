@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.paths import STUDIES_DIR
-from pipeline.stores import first_line
 
 CHECKPOINT_DIR_ENV = "CHECKPOINT_DIR"
 

@@ -55,7 +55,7 @@ class TrainConfig:
     train_subset: int = 0  # train on this many images only (0: all), for cheap runs
     seed: int = 0
     # Training arithmetic. auto: bfloat16 autocast where the hardware does it natively (CUDA, CPUs with
-    # AVX-512 BF16 or AMX: 1.5-2.5x faster steps), float32 elsewhere. Validation and the exported
+    # AVX-512 BF16 or AMX; measured speed-ups in docs/results.md), float32 elsewhere. Validation and the exported
     # model compute in float32 on a CPU, so promotion and clients see the same accuracy.
     precision: PrecisionName = "auto"
 

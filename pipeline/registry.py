@@ -134,7 +134,8 @@ def resolve_version(name: str, *, alias: str | None, version: int | None, others
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
-    from pipeline.stores import first_line, redact
+    from pipeline.errors import first_line
+    from pipeline.stores import redact
 
     client = mlflow.MlflowClient()
     uri = redact(mlflow.get_tracking_uri())

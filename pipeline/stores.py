@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.paths import MLRUNS_DIR, STUDIES_DIR
 
 STORAGE_ENV = "OPTUNA_STORAGE"
@@ -26,8 +26,9 @@ HEARTBEAT_ENV = "OPTUNA_HEARTBEAT_SECONDS"
 HEARTBEAT_SECONDS = 10  # a RUNNING trial whose worker stops beating for 3 intervals is failed and retried
 CONNECT_TIMEOUT_SECONDS = 5  # a database host that does not answer is reported, not waited on for minutes
 SERVER_PROBE_SECONDS = 5  # how long to wait for a tracking server before saying it is not there
-# scheme://user:PASSWORD@ - up to the last @ before the host, since a password may hold a /.
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+# scheme://user:PASSWORD@ - a password may hold a / (so not "up to the first /"), never a bare @
+# (URLs write it %40), so it ends at the first @.
 URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/:@]*):([^@]*)@", flags=re.IGNORECASE)
 
 
@@ -47,7 +48,7 @@ def is_server(uri: str) -> bool:
 
 def redact(url: str) -> str:
     """The URL with its password replaced by ***, for anything printed or logged: the one after
-    `user:` (up to the last @ before the host; a password may hold a /) and a `password=` query."""
+    `user:` (up to the @ before the host; a password may hold a /) and a `password=` query."""
     url = URL_PASSWORD.sub(r"\1:***@", url)
     return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
@@ -186,12 +187,6 @@ def _storage_fix(reason: str) -> str:
 def database_problem(url: str, error: Exception) -> str:
     """What the database driver said, in one line, without the URL's password."""
     return _hide_password(url, first_line(getattr(error, "orig", None) or error))
-
-
-def first_line(error) -> str:
-    """An error's first line (at most 300 characters), or its type's name when it has no text."""
-    text = str(error).strip()
-    return text.splitlines()[0].strip()[:300] if text else type(error).__name__
 
 
 def _hide_password(url: str, text: str) -> str:

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 from pipeline.config import TrainConfig
 from pipeline.data import Splits
+from pipeline.errors import first_line
 from pipeline.experiments import ensure_experiment, environment_tags, log_confusion_matrix, log_values
 from pipeline.search import attrs
-from pipeline.stores import first_line
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
 

@@ -257,7 +257,7 @@ import sys
 import optuna_dashboard
 optuna_dashboard.run_server = lambda *args, **kwargs: None  # the dashboard up to serving, not serving
 from pipeline.__main__ import main
-code = main({[command, "--storage", storage] + (["--no-tracking", "--reports-dir", str(tmp_path)] if command == "compare" else [])!r})
+code = main({[command, "--storage", storage] + (["--no-tracking", "--reports-dir", str(tmp_path)] if command == "compare" else ["--port", str(free_port())])!r})
 loaded = sorted(m for m in ("torch", "torchvision", "pipeline.train", "pipeline.data") if m in sys.modules)
 print("loaded:", loaded, "code:", code)
 """

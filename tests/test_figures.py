@@ -49,11 +49,12 @@ def test_the_study_images_stay_legible_at_hundreds_of_trials():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. matplotlib's "Tight layout not applied"
         figures = study_images(study_of(300))
+        for figure in figures.values():  # layout warnings come when a figure is drawn
+            FigureCanvasAgg(figure).draw()
     assert {"optimization_history", "intermediate_values", "parallel_coordinate"} <= set(figures)
     curves = figures["intermediate_values"].axes[0]
     assert len(curves.get_legend().get_texts()) == 2  # one entry per state, not one per trial
     assert curves.get_ylim()[0] > 0.5  # the trial that learned nothing does not flatten the others
     coordinates = figures["parallel_coordinate"]
-    FigureCanvasAgg(coordinates).draw()
     boxes = [label.get_window_extent() for label in coordinates.axes[0].get_xticklabels()]
     assert len(boxes) == 3 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

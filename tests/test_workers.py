@@ -76,11 +76,11 @@ def test_a_study_file_edited_during_a_session_changes_nothing_in_it(tmp_path, sy
     assert summary["final"]["epochs"] == 3
 
 
-def test_an_unreadable_checkpoint_is_named_and_the_trial_starts_over(tmp_path, capsys):
+def test_an_unreadable_checkpoint_is_named_and_not_resumed_from(tmp_path, capsys):
     # Saves are atomic, so a damaged file came from a disk or a hand: say so rather than start silently.
     from pipeline.checkpoints import TrialCheckpoint
 
-    earlier = tmp_path / "checkpoints" / "mlp" / "trial-3.pt"
+    earlier = tmp_path / "checkpoints" / "mlp" / "trial-3.pt"  # conftest points CHECKPOINT_DIR at tmp_path
     earlier.parent.mkdir(parents=True)
     earlier.write_bytes(b"not a checkpoint")
     checkpoint = TrialCheckpoint.for_trial("mlp", 7, [3], identity={"params": {}})

@@ -18,10 +18,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from pipeline.checkpoints import NoCheckpoint, TrialCheckpoint
 from pipeline.data import FashionMNIST, Splits, make_splits
+from pipeline.errors import first_line
 from pipeline.progress import NoBar
 from pipeline.search import attrs
 from pipeline.search.study_file import StudySpec
-from pipeline.stores import first_line
 from pipeline.tracking import NullTrialTrackers
 from pipeline.train import EpochMetrics, NonFiniteLossError, train
 
@@ -38,17 +38,17 @@ class Objective:
     """Train one sampled configuration; report each epoch's validation accuracy; prune on request.
 
     The dataset is loaded once per worker process and the splits made once per distinct
-    (val_size, train_subset), not per trial. ``new_tracker()`` gives each trial its tracker: an
+    (val_size, train_subset), not per trial. ``trial_trackers()`` gives each trial its tracker: an
     MLflow run, or a tracker that does nothing. ``deferred`` (an InterruptGate's) holds a Ctrl-C
     while the trial writes to the stores.
     """
 
-    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, new_tracker=None,
+    def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, trial_trackers=None,
                  deferred=_no_deferral, new_bar=None, checkpoints: bool = False):
         self.spec = spec
         self.dataset = dataset
         self.device = device
-        self.new_tracker = new_tracker or NullTrialTrackers()
+        self.trial_trackers = trial_trackers or NullTrialTrackers()
         self.deferred = deferred
         self.new_bar = new_bar or (lambda trial_number, epochs: NoBar())  # (trial number, epochs) -> a bar
         self.checkpoints = checkpoints  # per-epoch checkpoints, so a retried trial resumes (checkpoints.py)
@@ -67,7 +67,7 @@ class Objective:
         config = self.spec.config_for(trial)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
-        tracker = self.new_tracker()
+        tracker = self.trial_trackers()
         checkpoint = self.checkpoint_for(trial, config)
         resumed = checkpoint.load()
         epochs_run = resumed_epochs = resumed["epoch"] if resumed else 0
