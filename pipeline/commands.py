@@ -146,7 +146,8 @@ def run_tune(args: argparse.Namespace) -> int:
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
     print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
           f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
-    # A wrong URL or password, or a study of that name from another file: one line, before any MLflow run exists.
+    # A wrong URL or password, or a study of that name training another model family: one line, before any
+    # MLflow run exists.
     check_study_matches(spec, open_storage(session.storage))
     tracker = session_tracker(spec, session.storage, enabled=args.tracking)
     try:
