@@ -98,23 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     dashboard = command("dashboard", help="optuna-dashboard on the study storage, on 127.0.0.1")
     add_storage_option(dashboard)
-    add_address_options(dashboard, port=DASHBOARD_PORT)
-    dashboard.set_defaults(handler=commands.run_dashboard, port_variable="DASHBOARD_PORT")
+    add_address_options(dashboard, port=DASHBOARD_PORT, variable="DASHBOARD_PORT")
+    dashboard.set_defaults(handler=commands.run_dashboard)
 
     ui = command("ui", help="the MLflow UI on the tracking store, on 127.0.0.1",
                  description="Serve the MLflow UI on the local tracking store ($MLFLOW_TRACKING_URI or sqlite under "
                              "mlruns/). When $MLFLOW_TRACKING_URI is a tracking server, that server already is the "
                              "UI: its address is printed.")
-    add_address_options(ui, port=UI_PORT)
-    ui.set_defaults(handler=commands.run_ui, port_variable="UI_PORT")
+    add_address_options(ui, port=UI_PORT, variable="UI_PORT")
+    ui.set_defaults(handler=commands.run_ui)
 
     serve = command("serve", help="the champion behind MLflow's scoring server, on 127.0.0.1",
                     description="Serve a registered model (the champion) with `mlflow models serve` in this "
                                 "environment: POST raw pixels 0-255 as {\"inputs\": [[[28 floats] x 28] x N]} to "
                                 "/invocations, get {\"predictions\": [[10 probabilities] x N]} back.")
     add_model_options(serve, version=False)
-    add_address_options(serve, port=SERVE_PORT)
-    serve.set_defaults(handler=commands.run_serve, port_variable="SERVE_PORT")
+    add_address_options(serve, port=SERVE_PORT, variable="SERVE_PORT")
+    serve.set_defaults(handler=commands.run_serve)
 
     services = command("services", help="start, stop or check a local PostgreSQL + MLflow tracking server "
                                         "(make services)",
@@ -161,9 +161,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, version: bool) -> None
         which.add_argument("--version", type=int, help="a version number instead of an alias")
 
 
-def add_address_options(parser: argparse.ArgumentParser, *, port: int) -> None:
+def add_address_options(parser: argparse.ArgumentParser, *, port: int, variable: str) -> None:
+    """--host and --port of a server; ``variable`` is the make variable that moves the port (errors name it)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=port_number, default=port, help=f"port (default: {port})")
+    parser.add_argument("--port", type=port_number, default=port, help=f"port (default: {port}; make: {variable})")
+    parser.set_defaults(port_variable=variable)
 
 
 def port_number(text: str) -> int:

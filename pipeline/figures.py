@@ -82,17 +82,18 @@ def self_contained_html(figures: dict, title: str) -> str:
             f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
 
 
-def optuna_figures(study) -> dict:
-    """Optuna's interactive (plotly) figures for the study's page; a figure its trials cannot support
-    yet is left out. The images for the MLflow UI are study_figures.py's."""
+def optuna_figures(study, names=OPTUNA_FIGURES, plots=None) -> dict:
+    """Optuna's figures for the study: interactive (plotly) ones for the study's page, or with ``plots``
+    = optuna.visualization.matplotlib its matplotlib Axes (study_figures.py's images). A figure its
+    trials cannot support yet is left out."""
     from optuna import visualization
 
     figures = {}
-    for name in OPTUNA_FIGURES:
+    for name in names:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "too few trials to compute importances", "experimental"
-                figures[name] = getattr(visualization, f"plot_{name}")(study)
+                figures[name] = getattr(plots or visualization, f"plot_{name}")(study)
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue  # e.g. parameter importances need two complete trials with different values
     return figures

@@ -127,13 +127,24 @@ def _storage_file(url: str) -> Path | None:
     return None
 
 
+def _is_sqlite(file: Path) -> bool:
+    """Whether ``file`` begins as an SQLite database does (16 bytes read: a store may be GBs)."""
+    with file.open("rb") as opened:
+        return opened.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+
+
+def _not_a_database(file: Path) -> bool:
+    """A non-empty file that is not an SQLite database (an empty or missing one becomes a new database)."""
+    return file.is_file() and file.stat().st_size > 0 and not _is_sqlite(file)
+
+
 def _check_sqlite_file(file: Path, url: str) -> None:
     if file.is_dir():
         raise StorageError(f"{url} names a folder, not a database file. Fix: sqlite:///{file}/optuna.db, say.")
     if not file.parent.is_dir():
         raise StorageError(f"{url}: the folder {file.parent} does not exist. Fix: create it, or name a .db file "
                            f"in a folder that exists.")
-    if file.exists() and file.stat().st_size and not file.read_bytes()[:16] == SQLITE_HEADER:
+    if _not_a_database(file):
         raise StorageError(f"{url}: {file} is not an SQLite database. Fix: name a new .db file, or the right one.")
 
 
@@ -148,7 +159,7 @@ def _journal_storage(path: Path):
     if not path.parent.is_dir():
         raise StorageError(f"the folder of the journal file {path} does not exist. Fix: create {path.parent}, or "
                            f"name a file in a folder that exists.")
-    if path.exists() and path.read_bytes()[:16] == SQLITE_HEADER:
+    if path.is_file() and _is_sqlite(path):
         raise StorageError(f"{path} is an SQLite database, but a path without :// names a journal file. Fix: "
                            f"--storage sqlite:///{path.resolve()}")
     if path.exists() and not _is_journal(path):
@@ -273,8 +284,7 @@ def check_tracking_store() -> str:
                                  f"or a server. Fix: sqlite:///path/mlflow.db or http://host:port (unset it for "
                                  f"{DEFAULT_TRACKING_URI}).")
     file = _storage_file(uri)
-    if file is not None and (file.is_dir() or (file.is_file() and file.stat().st_size
-                                                and file.read_bytes()[:16] != SQLITE_HEADER)):
+    if file is not None and (file.is_dir() or _not_a_database(file)):
         what = "a folder" if file.is_dir() else "not an SQLite database"
         raise TrackingStoreError(f"{TRACKING_ENV}={uri}: {file} is {what}. Fix: name an MLflow database file "
                                  f"(sqlite:///path/mlflow.db), or unset it for {DEFAULT_TRACKING_URI}.")

@@ -7,12 +7,13 @@ entry per trial and let the axis labels collide."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
+
+from pipeline.figures import optuna_figures
 
 STATE_COLOURS = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "tab:orange", TrialState.FAIL: "tab:red"}
 
@@ -22,13 +23,8 @@ def study_images(study: optuna.Study) -> dict:
     from optuna.visualization import matplotlib as optuna_matplotlib
 
     figures = {}
-    for name in ("optimization_history", "param_importances"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental", "too few trials to compute importances"
-                axes = getattr(optuna_matplotlib, f"plot_{name}")(study)
-        except (ValueError, RuntimeError, ZeroDivisionError):
-            continue  # e.g. importances need two complete trials with different values
+    for name, axes in optuna_figures(study, ("optimization_history", "param_importances"),
+                                     plots=optuna_matplotlib).items():
         axes.figure.set_size_inches(9, 5)
         axes.figure.set_layout_engine("constrained")
         figures[name] = axes.figure
