@@ -163,10 +163,12 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_best(args: argparse.Namespace) -> int:
+    from pipeline.device import keep_freed_memory
     from pipeline.evaluate import evaluate_registered, format_report
     from pipeline.paths import REPORTS_DIR
     from pipeline.stores import configure_mlflow
 
+    keep_freed_memory()  # predictions at large batches: see there
     configure_mlflow()
     alias = None if args.version is not None else args.alias
     result = evaluate_registered(args.model, alias=alias, version=args.version, prune_sweep=args.prune_sweep,

@@ -64,3 +64,15 @@ def test_dropout_drops_a_fraction_p_and_rescales_the_rest_like_torchs():
     assert torch.equal(dropout(x), out)  # seeded like nn.Dropout: runs repeat
     assert torch.equal(dropout.eval()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_dropout_on_channels_last_bfloat16_activations_keeps_their_dtype_layout_and_rate():
+    # The CNN's activations under autocast: bfloat16, channels-last, a count not divisible by 4.
+    x = torch.ones(201, 5, 7, 9, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    out = Dropout(0.25).train()(x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert torch.allclose(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.75), rtol=1e-2)
+    assert kept.float().mean(dim=(0, 2, 3)).min().item() > 0.7  # every channel dropped alike
