@@ -36,8 +36,8 @@ install: $(INSTALLED) ## create .venv and install the project in it (skipped whe
 data: $(INSTALLED) ## make Fashion-MNIST available and verify it
 	@$(PY) -m pipeline data
 
-train: data ## train the notebook's MLP once and report train/validation/test accuracy (ARGS="--set lr=0.003")
-	$(PY) -m pipeline train $(ARGS)
+train: data ## train once, report train/validation/test accuracy: the notebook's MLP, or RECIPE=fast-cnn (ARGS="--set lr=0.003")
+	$(PY) -m pipeline train $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
 tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn|cnn-gpu TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
 	@$(PY) -m pipeline tune $(if $(STUDY),--study $(STUDY)) $(if $(WORKERS),--workers $(WORKERS)) \

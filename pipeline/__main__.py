@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command("train", help="train one configuration; report train, validation and test accuracy",
                     description="Train one configuration with the shared trainer and report train, validation and "
-                                "test accuracy as the notebook did. Any config field can be set: --set lr=0.003.")
+                                "test accuracy as the notebook did. Any config field can be set: --set lr=0.003; "
+                                "--recipe starts from a named configuration, which --set then changes.")
+    train.add_argument("--recipe", metavar="NAME_OR_PATH",
+                       help="start from a recipe: recipes/<name>.toml or a path, e.g. fast-cnn (default: the "
+                            "config's defaults, the notebook's MLP)")
     train.add_argument("--model", choices=["mlp", "cnn"], help="model family (default: mlp)")
     train.add_argument("--epochs", type=int, help="number of epochs (default: 20)")
     add_settings_option(train, "set any config field, e.g. --set batch_size=64 --set hidden_sizes=256,128")

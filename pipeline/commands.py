@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import NOTEBOOK_TEST_ACCURACY, ConfigError, TrainConfig
 from pipeline.network import require_free_port
+from pipeline.recipes import load_recipe
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -49,7 +50,9 @@ def run_train(args: argparse.Namespace) -> int:
         if key in overrides and str(overrides[key]) != str(flag):
             raise ConfigError(f"--{key} {flag} and --set {key}={overrides[key]} disagree; give one of them")
         overrides[key] = flag
-    config = TrainConfig().replace(**overrides)  # a bad key fails here, before any slow import
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    base = recipe.config() if recipe else TrainConfig()
+    config = base.replace(**overrides)  # a bad key fails here, before any slow import
 
     from pipeline.data import load_fashion_mnist, make_splits, normalize
     from pipeline.device import configure_cpu_threads, pick_device
@@ -63,6 +66,9 @@ def run_train(args: argparse.Namespace) -> int:
     configure_cpu_threads()
     dataset = load_fashion_mnist()
     splits = make_splits(dataset, val_size=config.val_size, train_subset=config.train_subset).to(device)
+    if recipe:
+        print(f"recipe {recipe.name} ({recipe.path})" + (f": {recipe.description}" if recipe.description else ""),
+              file=out)
     print(f"{config.model.upper()} with {count_parameters(build_model(config)):,} parameters on {device}; "
           f"{len(splits.train_labels):,} training / {len(splits.val_labels):,} validation images", file=out)
 
@@ -102,6 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 2),
             "train_seconds": round(result.seconds, 2),
             "device": str(device),
+            "recipe": recipe.name if recipe else None,
             "config": config.to_dict(),
             "history": [asdict(m) for m in result.history],
         }))

@@ -19,6 +19,7 @@ import optuna
 from pipeline.config import ConfigError, TrainConfig, fields_unused_by
 from pipeline.errors import PipelineError
 from pipeline.paths import STUDIES_DIR
+from pipeline.recipes import Recipe, RecipeError, load_recipe
 from pipeline.search import attrs
 from pipeline.search.space import Param, is_int, is_number, parse_param
 
@@ -36,8 +37,8 @@ PRUNERS = {
     "none": optuna.pruners.NopPruner,
 }
 OBJECTIVES = {"val_accuracy": "maximize"}  # the best epoch's validation accuracy
-TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "fixed", "search", "sampler", "pruner", "enqueue",
-                  "warm_start", "final"}
+TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "recipe", "fixed", "search", "sampler", "pruner",
+                  "enqueue", "warm_start", "final"}
 class StudyFileError(PipelineError):
     """A study file is missing or invalid; the message names the file, the key and what is allowed."""
 
@@ -76,6 +77,7 @@ class StudySpec:
     enqueue: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     warm_start: WarmStart | None = None
     final: FinalPhase | None = None
+    recipe: str | None = None  # the recipe the fixed settings and the first trial come from
 
     @property
     def direction(self) -> str:
@@ -203,10 +205,19 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
     if overlap:
         raise fail(f"search.{overlap[0]}", "is both fixed and searched; keep one")
 
+    recipe = _recipe(document, fail)
+    enqueue = document.get("enqueue", [])
+    if recipe is not None:
+        # The recipe's settings are the study's fixed ones ([fixed] overrides them), and its values of
+        # the searched fields are the first trial: the search starts from the recipe.
+        fixed = {**{k: v for k, v in recipe.settings.items() if k not in search}, **fixed}
+        start = TrainConfig().replace(**recipe.settings)
+        recipe_trial = {name: _as_toml_value(getattr(start, name)) for name in search}
+        enqueue = [recipe_trial, *enqueue] if isinstance(enqueue, list) else enqueue
+
     sampler = _component(document, "sampler", SAMPLERS, "tpe", fail)
     pruner = _component(document, "pruner", PRUNERS, "median", fail)
 
-    enqueue = document.get("enqueue", [])
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
         raise fail("enqueue", "must be a list of tables of searched values")
     by_name = {p.name: p for p in space}
@@ -223,7 +234,9 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
         params = {k: v for name, value in values.items() for k, v in by_name[name].as_params(value).items()}
         outside = [name for name in values if not by_name[name].fits(params)]
         if outside:
-            raise fail(f"enqueue[{i}].{outside[0]}", f"{values[outside[0]]!r} is outside the search space")
+            where = f"recipe {recipe.name}'s {outside[0]}" if recipe is not None and i == 0 else \
+                f"enqueue[{i}].{outside[0]}"
+            raise fail(where, f"{values[outside[0]]!r} is outside the search space of search.{outside[0]}")
         enqueued.append(params)
 
     warm_start = _optional_table(document, "warm_start", WarmStart, fail)
@@ -246,7 +259,7 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
     spec = StudySpec(
         name=path.stem, path=path, description=document.get("description", ""), fixed=fixed, space=space,
         sampler=sampler, pruner=pruner, trials=trials, timeout=timeout, objective=objective,
-        enqueue=tuple(enqueued), warm_start=warm_start, final=final,
+        enqueue=tuple(enqueued), warm_start=warm_start, final=final, recipe=recipe.name if recipe else None,
     )
     for name, family in spec.searched_but_unused():
         raise fail(f"search.{name}", f"only the {family} family reads it, but this study fixes model = "
@@ -257,6 +270,23 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
         except (TypeError, ValueError) as error:
             raise fail(kind, f"bad setting for {getattr(spec, kind)['name']}: {error}") from None
     return spec
+
+
+def _recipe(document: dict, fail) -> Recipe | None:
+    name = document.get("recipe")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise fail("recipe", f"{name!r} must name a recipe, e.g. \"fast-cnn\" (recipes/fast-cnn.toml)")
+    try:
+        return load_recipe(name)
+    except RecipeError as error:
+        raise fail("recipe", str(error)) from None
+
+
+def _as_toml_value(value: Any) -> Any:
+    """A config value as a study file would write it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _component(document: dict, kind: str, registry: dict, default: str, fail) -> dict[str, Any]:

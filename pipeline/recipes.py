@@ -1,0 +1,71 @@
+"""Recipes: `recipes/<name>.toml`, a named training configuration (`train --recipe fast-cnn`).
+
+A recipe is settings, not code: TrainConfig fields at the top level of a TOML file, plus an
+optional `description`. `train --recipe` starts from it (--set, --model and --epochs change it for
+one run), and a study file's `recipe = "<name>"` takes it as the study's fixed settings and its
+first trial, so a search starts from the recipe and can only improve on it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.paths import RECIPES_DIR
+
+
+class RecipeError(PipelineError):
+    """A recipe file is missing or invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    description: str
+    settings: dict[str, Any]  # TrainConfig fields, as coerced by TrainConfig
+
+    def config(self) -> TrainConfig:
+        return TrainConfig().replace(**self.settings)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """`fast-cnn` -> recipes/fast-cnn.toml; a path (with a folder or a .toml suffix) is taken as given."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.parent != Path("."):
+        return candidate
+    return RECIPES_DIR / f"{candidate}.toml"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = recipe_path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(available_recipes()) or "none"
+        raise RecipeError(f"{path}: no such recipe file (recipes in {RECIPES_DIR}: {known})")
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a recipe is TOML, e.g. recipes/fast-cnn.toml)") from None
+    description = document.pop("description", "")
+    if not isinstance(description, str):
+        raise RecipeError(f"{path}: description: must be a string")
+    tables = sorted(key for key, value in document.items() if isinstance(value, dict))
+    if tables:
+        raise RecipeError(f"{path}: [{tables[0]}]: a recipe has no tables; write its settings at the top level, "
+                          f"e.g. lr = 0.003")
+    try:
+        config = TrainConfig().replace(**document)
+    except ConfigError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    return Recipe(name=path.stem, path=path, description=description,
+                  settings={key: getattr(config, key) for key in document})
