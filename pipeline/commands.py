@@ -94,7 +94,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"\nbest epoch {result.best_epoch} of {result.epochs_run}{early}, {result.seconds:.0f} s of training",
           file=out)
     print(f"train accuracy      {train_accuracy:6.2%}", file=out)
-    mirrored = "   (averaged with the mirror image: it paid on validation)" if result.flip_averaged else ""
+    views = {"flip": "the mirror image", "flip-translate": "the mirror image and one-pixel shifts"}
+    mirrored = f"   (averaged over {views[result.tta]}: it paid on validation)" if result.flip_averaged else ""
     print(f"validation accuracy {result.best_val_accuracy:6.2%}{mirrored}", file=out)
     print(f"test accuracy       {test_accuracy:6.2%}   (the notebook: {NOTEBOOK_TEST_ACCURACY:.2%})", file=out)
     if args.json:
@@ -105,6 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
             "epochs": result.epochs_run,
             "best_epoch": result.best_epoch,
             "flip_averaged": result.flip_averaged,
+            "tta": result.tta,
             "seconds": round(seconds, 2),
             "train_seconds": round(result.seconds, 2),
             "device": str(device),

@@ -17,6 +17,7 @@ ModelFamily = Literal["mlp", "cnn"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["onecycle", "cosine", "plateau", "none"]
 AugmentName = Literal["none", "flip", "crop-flip"]
+TTAName = Literal["none", "flip", "flip-translate"]
 PrecisionName = Literal["auto", "float32", "bfloat16"]
 
 NOTEBOOK_TEST_ACCURACY = 0.9030  # the notebook's MLP: the figure every trained model is compared with
@@ -37,6 +38,7 @@ class TrainConfig:
     cnn_convs_per_stage: int = 2
     cnn_residual: bool = False  # identity skip around every conv after a stage's first
     cnn_head_width: int = 128  # width of the dense layer after the conv stages (0: none)
+    cnn_pool_first: bool = False  # pool after a stage's first conv, before batch norm (faster), not at its end
 
     # Optimisation.
     epochs: int = 20
@@ -54,6 +56,10 @@ class TrainConfig:
 
     # Data.
     augment: AugmentName = "none"  # "flip": random horizontal flips; "crop-flip": plus random shifts of up to 2 px
+    # Test-time augmentation for a model trained with augment: the most the final model may average over,
+    # each step kept only when it validates better. "flip": the mirror image; "flip-translate": also the
+    # image moved by a pixel (6 forward passes an image).
+    tta: TTAName = "flip"
     val_size: int = 10_000  # images held out of the 60,000 training images for validation
     train_subset: int = 0  # train on this many images only (0: all), for cheap runs
     seed: int = 0
@@ -98,7 +104,7 @@ class TrainConfig:
 # would spend its trials on values that change nothing.
 FAMILY_FIELDS = {
     "mlp": frozenset({"hidden_sizes", "batch_norm"}),
-    "cnn": frozenset({"cnn_channels", "cnn_convs_per_stage", "cnn_residual", "cnn_head_width"}),
+    "cnn": frozenset({"cnn_channels", "cnn_convs_per_stage", "cnn_residual", "cnn_head_width", "cnn_pool_first"}),
 }
 
 

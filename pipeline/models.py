@@ -88,23 +88,42 @@ class ConvBlock(nn.Module):
         return torch.relu(out)
 
 
+class PoolingConvBlock(nn.Module):
+    """3x3 convolution -> 2x2 max pooling -> BatchNorm -> ReLU. (A class of its own, not an option of
+    ConvBlock: registered models are pickled modules, and ConvBlocks pickled earlier must still run.)"""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.pool(self.conv(x))))
+
+
 class CNN(nn.Module):
     """Stages of 3x3 conv blocks, each stage ending in 2x2 max pooling and dropout, then a dense head.
 
     ``channels`` gives one stage per entry (28 -> 14 -> 7 -> 3 pixels); ``residual`` adds an identity
-    skip around every block after a stage's first (the one that changes the channel count).
+    skip around every block after a stage's first (the one that changes the channel count). With
+    ``pool_first`` a stage pools right after its first convolution, before batch norm, instead of at
+    its end (as airbench does): batch norm, ReLU and the stage's other convolutions then work on a
+    quarter of the pixels.
     """
 
     def __init__(self, channels=DEFAULTS.cnn_channels, *, convs_per_stage=DEFAULTS.cnn_convs_per_stage,
                  residual=DEFAULTS.cnn_residual, head_width=DEFAULTS.cnn_head_width, dropout=DEFAULTS.dropout,
-                 n_classes=N_CLASSES):
+                 pool_first=DEFAULTS.cnn_pool_first, n_classes=N_CLASSES):
         super().__init__()
         stages: list[nn.Module] = []
         in_channels, side = 1, IMAGE_SIDE
         for out_channels in channels:
-            blocks = [ConvBlock(in_channels if i == 0 else out_channels, out_channels, residual=residual)
-                      for i in range(convs_per_stage)]
-            stages += [*blocks, nn.MaxPool2d(2), Dropout(dropout)]
+            blocks: list[nn.Module] = [
+                PoolingConvBlock(in_channels, out_channels) if pool_first and i == 0 else
+                ConvBlock(in_channels if i == 0 else out_channels, out_channels, residual=residual)
+                for i in range(convs_per_stage)]
+            stages += [*blocks, nn.Identity() if pool_first else nn.MaxPool2d(2), Dropout(dropout)]
             in_channels, side = out_channels, side // 2
         self.features = nn.Sequential(*stages)
         flat = in_channels * side * side
@@ -134,11 +153,31 @@ class FlipAveraged(nn.Module):
         return torch.logaddexp(original, mirrored) - math.log(2)
 
 
+class TranslateFlipAveraged(nn.Module):
+    """Test-time augmentation with more views: half the weight on the image and its mirror image (as
+    FlipAveraged), half on the image moved one pixel down-right and one pixel up-left (each with its
+    mirror image), the uncovered border filled with the background, as training's random crops fill
+    it. Six forward passes per image; the input and output stay the model's."""
+
+    def __init__(self, model: nn.Module, fill: float):
+        super().__init__()
+        self.model = FlipAveraged(model)
+        self.fill = fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = x.shape[-1]
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=self.fill)
+        moved = [padded[..., :side, :side], padded[..., 2:, 2:]]  # content shifted down-right, up-left
+        log_probs = torch.stack([self.model(x), *(self.model(view) for view in moved)])
+        weights = torch.tensor([0.5, 0.25, 0.25], device=x.device, dtype=log_probs.dtype).log()
+        return torch.logsumexp(log_probs + weights[:, None, None], dim=0)
+
+
 def build_model(config: TrainConfig) -> nn.Module:
     if config.model == "mlp":
         return MLP(config.hidden_sizes, dropout=config.dropout, batch_norm=config.batch_norm)
     return CNN(config.cnn_channels, convs_per_stage=config.cnn_convs_per_stage, residual=config.cnn_residual,
-               head_width=config.cnn_head_width, dropout=config.dropout)
+               head_width=config.cnn_head_width, dropout=config.dropout, pool_first=config.cnn_pool_first)
 
 
 def count_parameters(model: nn.Module) -> int:

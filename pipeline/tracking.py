@@ -108,6 +108,7 @@ class TrialTracker:
                              "confusion_matrix")
         self.client.log_figure(self.run_id, learning_curves(result.history), "learning_curves.png")
         self.client.set_tag(self.run_id, "flip_averaged", str(result.flip_averaged).lower())
+        self.client.set_tag(self.run_id, "tta", result.tta)
         model_uri = None
         if log_model:
             model_uri = log_raw_pixel_model(self.run_id, result.model, splits)

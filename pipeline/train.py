@@ -22,7 +22,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import Splits, augment, shuffled_batches
 from pipeline.device import training_dtype
 from pipeline.errors import PipelineError
-from pipeline.models import FlipAveraged, build_model
+from pipeline.models import FlipAveraged, TranslateFlipAveraged, build_model
 
 PREDICT_BATCH_SIZE = 2048  # images per forward pass when predicting; bounds activation memory, not a hyperparameter
 
@@ -50,16 +50,24 @@ class TrainResult:
     best_epoch: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
-    flip_averaged: bool = False  # the model averages its predictions with the mirror image's (test-time augmentation)
+    tta: str = "none"  # the test-time augmentation ``model`` does: "none", "flip" or "flip-translate"
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
 
     @property
+    def flip_averaged(self) -> bool:
+        """Whether ``model`` averages its predictions over the mirror image (and perhaps more views)."""
+        return self.tta != "none"
+
+    @property
     def network(self) -> nn.Module:
-        """The trained network itself, without the mirror-image averaging ``model`` may add."""
-        return self.model.model if self.flip_averaged else self.model
+        """The trained network itself, without the test-time augmentation ``model`` may add."""
+        model = self.model
+        while isinstance(model, (FlipAveraged, TranslateFlipAveraged)):
+            model = model.model
+        return model
 
 
 class NonFiniteLossError(PipelineError, FloatingPointError):
@@ -197,20 +205,24 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    if config.augment != "none" and result.history:
-        _average_with_mirror_if_better(result, data)
+    if config.augment != "none" and config.tta != "none" and result.history:
+        _average_over_views_if_better(result, data, config.tta)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _average_with_mirror_if_better(result: TrainResult, data: Splits) -> None:
-    """A model trained on mirrored images predicts both an image and its mirror image well: averaging
-    the two often gains a few tenths of a point. Kept only when validation says so; the model
-    returned (and exported) is then the averaging one, and its validation accuracy the result's."""
-    averaged = FlipAveraged(result.model).eval()
-    _, accuracy = nll_and_accuracy(averaged, data.val_images, data.val_labels)
-    if accuracy > result.best_val_accuracy:
-        result.model, result.best_val_accuracy, result.flip_averaged = averaged, accuracy, True
+def _average_over_views_if_better(result: TrainResult, data: Splits, tta: str) -> None:
+    """A model trained on mirrored (and shifted) images predicts those views well too: averaging over
+    them often gains a few tenths of a point. Each step (the mirror image, then with "flip-translate"
+    the one-pixel shifts) is kept only when validation says so; the model returned (and exported) is
+    then the averaging one, and its validation accuracy the result's."""
+    candidates = [("flip", FlipAveraged(result.network))]
+    if tta == "flip-translate":
+        candidates.append(("flip-translate", TranslateFlipAveraged(result.network, data.background)))
+    for name, averaged in candidates:
+        _, accuracy = nll_and_accuracy(averaged.eval(), data.val_images, data.val_labels)
+        if accuracy > result.best_val_accuracy:
+            result.model, result.best_val_accuracy, result.tta = averaged, accuracy, name
 
 
 def smoothed_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:

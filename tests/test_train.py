@@ -231,7 +231,7 @@ def test_mirror_averaging_is_kept_only_when_it_validates_better(synthetic_splits
 def test_mirror_averaging_is_left_out_when_it_would_hurt():
     from torch import nn
 
-    from pipeline.train import TrainResult, _average_with_mirror_if_better
+    from pipeline.train import TrainResult, _average_over_views_if_better
 
     # Two classes told apart only by which half of the image is bright, and a network that reads
     # exactly that: averaging it with its mirror image makes every prediction a coin toss.
@@ -246,8 +246,43 @@ def test_mirror_averaging_is_left_out_when_it_would_hurt():
         reader.weight.copy_(halves.view(2, -1))
     network = nn.Sequential(nn.Flatten(), reader, nn.LogSoftmax(dim=1)).eval()
     result = TrainResult(model=network, best_val_accuracy=1.0)
-    _average_with_mirror_if_better(result, Splits(images, labels, images, labels, mean=0.0, std=1.0))
+    _average_over_views_if_better(result, Splits(images, labels, images, labels, mean=0.0, std=1.0), "flip")
     assert not result.flip_averaged and result.model is network and result.best_val_accuracy == 1.0
+
+
+def test_translate_averaging_is_kept_only_when_it_validates_better_and_keeps_the_signature(synthetic_splits,
+                                                                                          tiny_config):
+    from pipeline.models import FlipAveraged, TranslateFlipAveraged
+    from pipeline.train import nll_and_accuracy
+
+    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=1, augment="crop-flip",
+                                 epochs=2)
+    result = train(config.replace(tta="flip-translate"), synthetic_splits, device="cpu")
+    views = {"none": result.network, "flip": FlipAveraged(result.network),
+             "flip-translate": TranslateFlipAveraged(result.network, synthetic_splits.background)}
+    accuracy = {name: nll_and_accuracy(model, synthetic_splits.val_images, synthetic_splits.val_labels)[1]
+                for name, model in views.items()}
+    assert result.best_val_accuracy == max(accuracy.values())
+    expected = "flip-translate" if accuracy["flip-translate"] > max(accuracy["none"], accuracy["flip"]) else \
+        "flip" if accuracy["flip"] > accuracy["none"] else "none"
+    assert result.tta == expected
+    images = synthetic_splits.val_images[:5]
+    with torch.inference_mode():
+        log_probs = views["flip-translate"].eval()(images)
+        assert log_probs.shape == (5, 10)  # the exported model's signature: images in, log-probabilities out
+        assert torch.allclose(log_probs.exp().sum(dim=1), torch.ones(5), atol=1e-5)
+        assert not torch.allclose(log_probs, views["flip"].eval()(images), atol=1e-4)  # the shifts count
+        # Half the weight on the image and its mirror image, a quarter on each one-pixel move (down-right,
+        # up-left) with the uncovered border filled with the background, as training's crops fill it.
+        down_right = torch.full_like(images, synthetic_splits.background)
+        down_right[..., 1:, 1:] = images[..., :-1, :-1]
+        up_left = torch.full_like(images, synthetic_splits.background)
+        up_left[..., :-1, :-1] = images[..., 1:, 1:]
+        flip = views["flip"].eval()
+        mixture = 0.5 * flip(images).exp() + 0.25 * flip(down_right).exp() + 0.25 * flip(up_left).exp()
+        assert torch.allclose(log_probs.exp(), mixture, atol=1e-5)
+    without = train(config.replace(tta="flip"), synthetic_splits, device="cpu")
+    assert without.tta in ("none", "flip")  # tta = "flip" never tries the shifted views
 
 
 def test_mirror_averaging_gives_probabilities_that_ignore_mirroring(synthetic_splits, tiny_config):
