@@ -15,6 +15,10 @@
 3. Time to accuracy: `python -m pipeline train`'s default configuration, from the command to the
    first epoch whose model reaches the notebook's 90.30 % test accuracy (benchmarks/time_to_accuracy.py),
    and the process's start-up before its first training step.
+4. The CNN: seconds per epoch of the cnn study's former default network (32-64 channels, one conv a
+   stage, crop-flip) from a 2-epoch `train`, then `make train RECIPE=fast-cnn` as one process: its
+   wall time, test accuracy (time to 94.0 % test, when reached), and the share of its CPU time spent
+   in the kernel.
 
 Prints figures and asserts nothing; run it on an otherwise idle machine.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -184,6 +189,9 @@ def main() -> None:
         return
     whole_process_comparison(args.batch_size)
     time_to_notebook_accuracy()
+    if device.type == "cpu":  # the recipe and its figures are sized for a CPU
+        cnn_epoch_seconds()
+        fast_cnn_recipe()
 
 
 NOTEBOOK_LIKE_SETTINGS = ["--set", "optimizer=adam", "--set", "lr=0.001", "--set", "weight_decay=0", "--set",
@@ -230,6 +238,50 @@ def time_to_notebook_accuracy() -> None:
               f"{reached['seconds']:.1f} s from the command")
     else:
         print(f"   not reached in {result['config_epochs']} epochs")
+
+
+# The cnn study's default network before recipes/fast-cnn.toml: the yardstick for epoch times.
+FORMER_CNN_DEFAULT = ["--model", "cnn", "--set", "cnn_channels=32,64", "--set", "cnn_convs_per_stage=1", "--set",
+                      "cnn_head_width=128", "--set", "augment=crop-flip", "--set", "lr=0.003"]
+RECIPE = "fast-cnn"
+RECIPE_TARGET_TEST_ACCURACY = 0.94
+
+
+def _train_json(arguments: list[str]) -> tuple[dict, float, resource.struct_rusage]:
+    """`python -m pipeline train --json ...` as a subprocess: its report, wall seconds and CPU usage."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--json", *arguments], check=True,
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    seconds = time.time() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = {field: getattr(after, field) - getattr(before, field) for field in ("ru_utime", "ru_stime", "ru_minflt")}
+    return json.loads(done.stdout.splitlines()[-1]), seconds, usage
+
+
+def cnn_epoch_seconds() -> None:
+    print("\n4. the CNN: the cnn study's former default network (32-64 channels, one conv a stage, crop-flip), "
+          "2 epochs", flush=True)
+    report, _, _ = _train_json(["--epochs", "2", *FORMER_CNN_DEFAULT])
+    epochs = report["history"]
+    print("   seconds per epoch (steps + validation): " + ", ".join(f"{e['epoch_seconds']:.1f}" for e in epochs) +
+          f"; steps alone {statistics.mean(e['train_seconds'] for e in epochs):.1f} s")
+
+
+def fast_cnn_recipe() -> None:
+    print(f"\n5. python -m pipeline train --recipe {RECIPE}: one process, start-up and final evaluation included",
+          flush=True)
+    report, seconds, usage = _train_json(["--recipe", RECIPE])
+    cpu = usage["ru_utime"] + usage["ru_stime"]
+    print(f"   {report['epochs']} epochs; validation {report['val_accuracy']:.2%} (test-time augmentation: "
+          f"{report['tta']}), test {report['test_accuracy']:.2%}")
+    print(f"   wall {seconds:.0f} s; CPU {cpu:.0f} s of which kernel {usage['ru_stime']:.1f} s "
+          f"({usage['ru_stime'] / cpu:.1%}); {usage['ru_minflt']:,} minor page faults")
+    if report["test_accuracy"] >= RECIPE_TARGET_TEST_ACCURACY:
+        print(f"   reached {RECIPE_TARGET_TEST_ACCURACY:.1%} test: {seconds:.0f} s from the command")
+    else:
+        print(f"   {RECIPE_TARGET_TEST_ACCURACY:.1%} test not reached: {report['test_accuracy']:.2%} "
+              f"after {seconds:.0f} s")
 
 
 if __name__ == "__main__":

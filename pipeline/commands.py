@@ -107,6 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
             "best_epoch": result.best_epoch,
             "flip_averaged": result.flip_averaged,
             "tta": result.tta,
+            "tta_val_accuracy": result.tta_val_accuracy,
             "seconds": round(seconds, 2),
             "train_seconds": round(result.seconds, 2),
             "device": str(device),

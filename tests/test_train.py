@@ -263,6 +263,7 @@ def test_translate_averaging_is_kept_only_when_it_validates_better_and_keeps_the
     accuracy = {name: nll_and_accuracy(model, synthetic_splits.val_images, synthetic_splits.val_labels)[1]
                 for name, model in views.items()}
     assert result.best_val_accuracy == max(accuracy.values())
+    assert result.tta_val_accuracy == accuracy  # each averaging tried is reported as it validated
     expected = "flip-translate" if accuracy["flip-translate"] > max(accuracy["none"], accuracy["flip"]) else \
         "flip" if accuracy["flip"] > accuracy["none"] else "none"
     assert result.tta == expected
