@@ -85,7 +85,7 @@ smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final
 	$(PY) -m pipeline evaluate-best --reports-dir "$$scratch/reports" && \
 	echo "== smoke: every stage ran"
 
-bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test from the command, MLflow's cost
+bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test, the CNN's epoch and the fast-cnn recipe, MLflow's cost
 	$(PY) benchmarks/bench_train.py $(ARGS)
 	$(PY) benchmarks/bench_tracking.py
 

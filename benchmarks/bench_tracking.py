@@ -89,7 +89,7 @@ def main() -> None:
         else:
             study_file = short_study_file(Path(off_dir), trials=args.trials, epochs=args.epochs)
             shape = f"{args.trials} MLP trials x {args.epochs} epochs"
-        print(f"\n4. MLflow tracking overhead: {shape}, tracking off, then on", flush=True)
+        print(f"\n6. MLflow tracking overhead: {shape}, tracking off, then on", flush=True)
         off, _ = timed_session(study_file, Path(off_dir), trials=args.trials, tracking=False)
         print(f"   tracking off: {off:6.1f} s", flush=True)
         on, summary = timed_session(study_file, Path(on_dir), trials=args.trials, tracking=True)

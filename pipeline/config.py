@@ -50,9 +50,6 @@ class TrainConfig:
     label_smoothing: float = 0.1
     schedule: ScheduleName = "onecycle"
     patience: int = 0  # early stopping for stand-alone runs, in epochs without improvement; 0: off
-    # Exponential moving average of the weights (and batch-norm statistics), updated every step with
-    # this decay; validated, kept and exported in place of the raw weights. 0: off.
-    ema_decay: float = 0.0
 
     # Data.
     augment: AugmentName = "none"  # "flip": random horizontal flips; "crop-flip": plus random shifts of up to 2 px
@@ -85,7 +82,6 @@ class TrainConfig:
         _require(self, "momentum", 0 <= self.momentum < 1, "0 <= momentum < 1")
         _require(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= label_smoothing < 1")
         _require(self, "patience", self.patience >= 0, ">= 0 (0 turns early stopping off)")
-        _require(self, "ema_decay", 0 <= self.ema_decay < 1, "0 <= ema_decay < 1 (0 turns the average off)")
         _require(self, "val_size", self.val_size >= 1, ">= 1 (and fewer than the training images)")
         _require(self, "train_subset", self.train_subset >= 0, ">= 0 (0: the whole training split)")
 

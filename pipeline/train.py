@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import TrainConfig
 from pipeline.data import Splits, augment, shuffled_batches
@@ -106,9 +105,6 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
         model = model.to(memory_format=torch.channels_last)
         train_images = train_images.contiguous(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
-    # With an average of the weights, it is what is validated, kept and exported; training moves `model`.
-    average = make_weight_average(config, model)
-    evaluated = average.module if average is not None else model
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     scheduler = make_scheduler(config, optimizer, steps_per_epoch)
     dtype = training_dtype(config.precision, device)
@@ -123,8 +119,6 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
         optimizer.load_state_dict(resume_from["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resume_from["scheduler"])
-        if average is not None:
-            average.load_state_dict(resume_from["average"])
         torch.set_rng_state(resume_from["torch_rng"])
         generator.set_state(resume_from["generator"])
         if device.type == "cuda" and resume_from.get("cuda_rng") is not None:
@@ -153,8 +147,6 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             optimizer.step()
             if config.schedule in ("onecycle", "cosine"):
                 scheduler.step()
-            if average is not None:
-                average.update_parameters(model)
             loss_sum += loss.detach() * len(labels)
             hits += (log_probs.argmax(dim=1) == labels).sum()
             seen += len(labels)
@@ -164,7 +156,7 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             raise NonFiniteLossError(epoch, train_loss)
         train_seconds = time.perf_counter() - epoch_started
 
-        val_loss, val_accuracy = nll_and_accuracy(evaluated, data.val_images, data.val_labels)
+        val_loss, val_accuracy = nll_and_accuracy(model, data.val_images, data.val_labels)
         if config.schedule == "plateau":
             scheduler.step(val_accuracy)
         metrics = EpochMetrics(
@@ -181,7 +173,7 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
 
         if val_accuracy > result.best_val_accuracy:
             result.best_val_accuracy, result.best_epoch = val_accuracy, epoch
-            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1
@@ -189,7 +181,6 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             on_checkpoint({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "average": average.state_dict() if average is not None else None,
                 "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "best_state": best_state, "best_val_accuracy": result.best_val_accuracy,
@@ -202,7 +193,6 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
             result.stopped_early = True
             break
 
-    model = result.model = evaluated
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -265,29 +255,6 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop over tensors.
     return optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-
-
-def make_weight_average(config: TrainConfig, model: nn.Module) -> AveragedModel | None:
-    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics), or
-    None when ``ema_decay`` is 0. Averaging the last few hundred steps' weights lands nearer the
-    middle of the valley the optimizer bounces around in, for free at prediction time."""
-    if not config.ema_decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=_ema_with_warm_up(config.ema_decay), use_buffers=True)
-
-
-def _ema_with_warm_up(decay: float):
-    """The average's update: decay min(ema_decay, (1 + n) / (10 + n)) at its n-th step. Early in
-    training the weights move fast, and an average over a thousand steps of them is no network at
-    all (8 % validation accuracy after two epochs of a three-stage CNN at 0.999); the warm-up keeps
-    the average about as old as a tenth of the steps so far, until ema_decay takes over."""
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():  # the batch-norm step counters: taken as they are
-            torch._foreach_copy_(averaged, current)
-            return
-        n = int(steps)
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
-    return update
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

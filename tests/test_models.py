@@ -76,3 +76,17 @@ def test_dropout_on_channels_last_bfloat16_activations_keeps_their_dtype_layout_
     assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
     assert torch.allclose(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.75), rtol=1e-2)
     assert kept.float().mean(dim=(0, 2, 3)).min().item() > 0.7  # every channel dropped alike
+
+
+def test_pool_first_makes_the_rest_of_each_stage_work_at_half_the_side():
+    def input_sides(pool_first):
+        model = CNN((8, 16), convs_per_stage=2, pool_first=pool_first).eval()
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        sides = []
+        for conv in convs:
+            conv.register_forward_hook(lambda module, inputs, output: sides.append(inputs[0].shape[-1]))
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        return sides, count_parameters(model)
+
+    assert input_sides(False) == ([28, 28, 14, 14], input_sides(True)[1])
+    assert input_sides(True)[0] == [28, 14, 14, 7]  # each stage's second conv after its pooling

@@ -1,12 +1,13 @@
 """Recipes: a named training configuration, trained by `train --recipe` and started from by a study."""
 
 import json
+import tomllib
 
 import optuna
 import pytest
 
 from pipeline.recipes import RecipeError, load_recipe
-from pipeline.search.study_file import StudyFileError, load_study
+from pipeline.search.study_file import StudyFileError, load_study, study_path
 from tests.test_bad_input import one_error_line, run_main
 from tests.test_cli import run_cli
 
@@ -18,7 +19,7 @@ cnn_convs_per_stage = 1
 cnn_head_width = 32
 batch_size = 32
 lr = 0.004
-ema_decay = 0.9
+tta = "flip-translate"
 val_size = 200
 """
 
@@ -33,8 +34,8 @@ def test_train_with_a_recipe_trains_its_configuration_and_set_changes_it(synthet
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["recipe"] == "small-cnn"
     config = report["config"]
-    assert (config["model"], config["cnn_channels"], config["batch_size"], config["ema_decay"]) == ("cnn", [8, 16], 32,
-                                                                                                      0.9)
+    assert (config["model"], config["cnn_channels"], config["batch_size"], config["tta"]) == ("cnn", [8, 16], 32,
+                                                                                                "flip-translate")
     assert config["lr"] == 0.002 and config["epochs"] == 1  # the command line wins over the recipe
     assert "recipe small-cnn" in done.stderr and "a small CNN for the synthetic data" in done.stderr
 
@@ -42,24 +43,14 @@ def test_train_with_a_recipe_trains_its_configuration_and_set_changes_it(synthet
 def test_the_cnn_study_starts_from_the_fast_cnn_recipe():
     spec = load_study("cnn")
     recipe = load_recipe("fast-cnn")
+    study_file_fixed = tomllib.loads(study_path("cnn").read_text()).get("fixed", {})
     assert spec.recipe == "fast-cnn"
+    # Trial 0 is the recipe, searched fields included, with only what the study's own [fixed] changes.
     first_trial = spec.config_for(optuna.trial.FixedTrial(spec.enqueue[0]))
-    expected = recipe.config().replace(**{key: value for key, value in spec.fixed.items()
-                                          if key not in recipe.settings or key in _study_fixed("cnn")})
-    assert first_trial == expected
-    # The recipe's settings that the study neither searches nor overrides are the study's fixed ones.
+    assert first_trial == recipe.config().replace(**study_file_fixed)
+    # Every other trial keeps the recipe's settings that the study neither searches nor overrides.
     searched = {p.name for p in spec.space}
-    for key, value in recipe.settings.items():
-        if key not in searched and key not in _study_fixed("cnn"):
-            assert spec.fixed[key] == value, key
-
-
-def _study_fixed(name: str) -> dict:
-    import tomllib
-
-    from pipeline.search.study_file import study_path
-
-    return tomllib.loads(study_path(name).read_text()).get("fixed", {})
+    assert spec.fixed == {**{k: v for k, v in recipe.settings.items() if k not in searched}, **study_file_fixed}
 
 
 @pytest.mark.parametrize("text, message", [

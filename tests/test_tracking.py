@@ -255,3 +255,25 @@ def test_two_promotions_at_once_leave_the_champion_on_the_better_version(tmp_pat
     champion, (worse, better), outcomes = promote_two_at_once(monkeypatch)
     assert champion == better.version  # not the worse one, although it wrote the alias last
     assert outcomes[better.version] == "promoted to champion" and outcomes[worse.version].startswith("challenger")
+
+
+def test_a_model_averaging_over_shifted_views_is_exported_for_raw_pixels(shared_store, monkeypatch, synthetic_splits):
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.export import log_raw_pixel_model
+    from pipeline.models import TranslateFlipAveraged, build_model
+
+    use, _ = shared_store
+    use(monkeypatch)
+    torch.manual_seed(0)
+    network = build_model(TrainConfig(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=2, cnn_pool_first=True))
+    averaging = TranslateFlipAveraged(network, synthetic_splits.background).eval()
+    with mlflow.start_run() as run:
+        uri = log_raw_pixel_model(run.info.run_id, averaging, synthetic_splits)
+    raw = (synthetic_splits.val_images[:6, 0] * synthetic_splits.std + synthetic_splits.mean) * 255  # pixels 0-255
+    scores = np.asarray(mlflow.pyfunc.load_model(uri).predict(raw.numpy().astype(np.float32)))
+    with torch.inference_mode():
+        expected = averaging(synthetic_splits.val_images[:6]).exp().numpy()
+    assert scores.shape == (6, 10)
+    np.testing.assert_allclose(scores, expected, atol=1e-4)  # the six views, computed behind the raw-pixel signature

@@ -149,13 +149,13 @@ def test_flip_augmentation_reaches_the_training_batches(tiny_config, augment):
     assert max(m.train_batch_accuracy for m in flipped.history) < 0.75
 
 
-@pytest.mark.parametrize("model, ema_decay", [("mlp", 0.0), ("cnn", 0.0), ("cnn", 0.9)])
+@pytest.mark.parametrize("model, recipe_options", [("mlp", {}), ("cnn", {}),
+                                                   ("cnn", {"cnn_pool_first": True, "tta": "flip-translate"})])
 def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthetic_splits, tiny_config, tmp_path,
-                                                                         model, ema_decay):
-    # Dropout, augmentation and a per-batch schedule: every random generator and the scheduler must resume;
-    # with an average of the weights, the average too.
+                                                                         model, recipe_options):
+    # Dropout, augmentation and a per-batch schedule: every random generator and the scheduler must resume.
     config = tiny_config.replace(model=model, epochs=4, dropout=0.3, augment="crop-flip", schedule="onecycle",
-                                 cnn_channels=(4, 8), cnn_convs_per_stage=1, ema_decay=ema_decay)
+                                 cnn_channels=(4, 8), cnn_convs_per_stage=2, **recipe_options)
     whole = train(config, synthetic_splits, device="cpu")
 
     from pipeline.checkpoints import TrialCheckpoint
@@ -180,27 +180,6 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthet
     assert (resumed.best_val_accuracy, resumed.best_epoch) == (whole.best_val_accuracy, whole.best_epoch)
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
-
-
-def test_with_ema_the_average_of_the_weights_is_validated_kept_and_returned(synthetic_splits, tiny_config):
-    from pipeline.train import nll_and_accuracy
-
-    states = {}
-
-    def keep_a_copy(state):
-        states[state["epoch"]] = {part: {k: v.clone() for k, v in state[part].items()} for part in ("model", "average")}
-
-    config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=1, epochs=3, ema_decay=0.9)
-    result = train(config, synthetic_splits, device="cpu", on_checkpoint=keep_a_copy)
-    best = states[result.best_epoch]
-    returned = result.network.state_dict()
-    raw_differs = False
-    for name, tensor in returned.items():
-        assert torch.equal(tensor, best["average"][f"module.{name}"]), name  # the average is what is returned
-        raw_differs |= not torch.equal(tensor, best["model"][name])
-    assert raw_differs  # ... and it is not the weights the optimizer left
-    _, accuracy = nll_and_accuracy(result.network, synthetic_splits.val_images, synthetic_splits.val_labels)
-    assert accuracy == result.history[result.best_epoch - 1].val_accuracy  # the average is what was validated
 
 
 def test_only_a_checkpoint_of_the_same_parameters_and_settings_is_resumed(tmp_path):
