@@ -55,8 +55,8 @@ def configure_cpu_threads(workers: int = 1) -> int:
     return threads
 
 
-# glibc's mallopt parameters (malloc.h) and the values set: a C int each.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# glibc's mallopt parameters (malloc.h) and the value set: a C int each.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _LARGEST_MALLOPT_VALUE = 2**31 - 1
 
 
@@ -73,12 +73,14 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other C libraries: no glibc tunables to set
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_MALLOPT_VALUE) and
-                mallopt(_M_TRIM_THRESHOLD, _LARGEST_MALLOPT_VALUE))
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # glibc before 2.35 refuses an mmap threshold over 32 MiB: then no block is mapped at all.
+    unmapped = mallopt(_M_MMAP_THRESHOLD, _LARGEST_MALLOPT_VALUE) or mallopt(_M_MMAP_MAX, 0)
+    untrimmed = mallopt(_M_TRIM_THRESHOLD, _LARGEST_MALLOPT_VALUE)
+    return bool(unmapped and untrimmed)
 
 
 def native_bfloat16(device: torch.device) -> bool:

@@ -2,8 +2,8 @@
 
 A recipe is settings, not code: TrainConfig fields at the top level of a TOML file, plus an
 optional `description`. `train --recipe` starts from it (--set, --model and --epochs change it for
-one run), and a study file's `recipe = "<name>"` takes it as the study's fixed settings and its
-first trial, so a search starts from the recipe and can only improve on it.
+one run), and a study file's `recipe = "<name>"` takes it as the study's fixed settings and as a
+trial tried first (after a warm start's), so a search starts from the recipe.
 """
 
 from __future__ import annotations

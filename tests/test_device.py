@@ -8,8 +8,8 @@ import pytest
 FAULTS_WHEN_REALLOCATING = """
 import resource, sys, torch
 from pipeline.device import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    sys.exit("not glibc")
 conv, images = torch.nn.Conv2d(1, 32, 3, padding=1), torch.randn(1024, 1, 28, 28)
 with torch.inference_mode():
     conv(images).relu()
@@ -21,8 +21,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTS_WHEN_REALLOCATING, mode], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", FAULTS_WHEN_REALLOCATING, mode], capture_output=True, text=True)
+    if "not glibc" in out.stderr:
+        pytest.skip("this C library has no mallopt thresholds to set")
+    assert out.returncode == 0, out.stderr
     return int(out.stdout)
 
 

@@ -76,6 +76,9 @@ def test_dropout_on_channels_last_bfloat16_activations_keeps_their_dtype_layout_
     assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
     assert torch.allclose(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.75), rtol=1e-2)
     assert kept.float().mean(dim=(0, 2, 3)).min().item() > 0.7  # every channel dropped alike
+    from pipeline.models import _keep_mask
+
+    assert _keep_mask(x, 16384).stride() == x.stride()  # the mask streams in the activations' memory order
 
 
 def test_pool_first_makes_the_rest_of_each_stage_work_at_half_the_side():

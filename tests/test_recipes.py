@@ -88,3 +88,17 @@ def test_a_study_whose_recipe_lies_outside_its_search_space_is_refused(tmp_path)
         load_study(missing)
     with pytest.raises(RecipeError):
         load_recipe(tmp_path / "none.toml")
+
+
+def test_a_studys_recipe_is_tried_before_its_own_enqueued_configurations(tmp_path):
+    recipe = tmp_path / "base.toml"
+    recipe.write_text("model = \"cnn\"\nlr = 0.004\nepochs = 3\n")
+    space = "[search]\nlr = { type = \"float\", low = 1e-4, high = 1e-2 }\ndropout = { type = \"float\", low = 0, high = 0.5 }\n"
+    study = tmp_path / "study.toml"
+    study.write_text(f"recipe = \"{recipe}\"\n{space}[[enqueue]]\nlr = 0.001\ndropout = 0.2\n")
+    spec = load_study(study)
+    assert spec.enqueue == ({"lr": 0.004}, {"lr": 0.001, "dropout": 0.2})  # the recipe's, then the file's
+    assert spec.fixed == {"model": "cnn", "epochs": 3}
+    study.write_text(f"recipe = \"{recipe}\"\n{space}[[enqueue]]\nlr = 0.5\ndropout = 0.2\n")
+    with pytest.raises(StudyFileError, match=r"enqueue\[0\]\.lr: 0.5 is outside"):  # the file's own numbering
+        load_study(study)

@@ -4,6 +4,7 @@ import pytest
 from optuna.trial import FixedTrial
 
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.recipes import load_recipe
 from pipeline.search.study_file import StudyFileError, load_study
 
 SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random"]
@@ -33,6 +34,8 @@ def test_each_shipped_study_loads_and_its_space_builds_configs(name):
     config = spec.config_for(FixedTrial(lowest_params(spec)))
     assert isinstance(config, TrainConfig) and config.model == spec.fixed["model"]
     written = tomllib.loads(spec.path.read_text()).get("enqueue", [])
+    if spec.recipe:  # its configuration is tried before [[enqueue]]'s (tests/test_recipes.py)
+        written = [{k: v for k, v in load_recipe(spec.recipe).settings.items() if k in searched}, *written]
     assert len(written) == len(spec.enqueue)
     for values, enqueued in zip(written, spec.enqueue):  # each [[enqueue]] runs exactly as written
         config = spec.config_for(FixedTrial(enqueued))

@@ -149,13 +149,13 @@ def test_flip_augmentation_reaches_the_training_batches(tiny_config, augment):
     assert max(m.train_batch_accuracy for m in flipped.history) < 0.75
 
 
-@pytest.mark.parametrize("model, recipe_options", [("mlp", {}), ("cnn", {}),
-                                                   ("cnn", {"cnn_pool_first": True, "tta": "flip-translate"})])
+@pytest.mark.parametrize("model, options", [("mlp", {}), ("cnn", {}),
+                                            ("cnn", {"cnn_pool_first": True, "tta": "flip-translate"})])
 def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthetic_splits, tiny_config, tmp_path,
-                                                                         model, recipe_options):
+                                                                         model, options):
     # Dropout, augmentation and a per-batch schedule: every random generator and the scheduler must resume.
     config = tiny_config.replace(model=model, epochs=4, dropout=0.3, augment="crop-flip", schedule="onecycle",
-                                 cnn_channels=(4, 8), cnn_convs_per_stage=2, **recipe_options)
+                                 cnn_channels=(4, 8), cnn_convs_per_stage=2, **options)
     whole = train(config, synthetic_splits, device="cpu")
 
     from pipeline.checkpoints import TrialCheckpoint
@@ -261,8 +261,10 @@ def test_translate_averaging_is_kept_only_when_it_validates_better_and_keeps_the
         flip = views["flip"].eval()
         mixture = 0.5 * flip(images).exp() + 0.25 * flip(down_right).exp() + 0.25 * flip(up_left).exp()
         assert torch.allclose(log_probs.exp(), mixture, atol=1e-5)
-    without = train(config.replace(tta="flip"), synthetic_splits, device="cpu")
-    assert without.tta in ("none", "flip")  # tta = "flip" never tries the shifted views
+    mirror_only = train(config.replace(tta="flip"), synthetic_splits, device="cpu")
+    assert set(mirror_only.tta_val_accuracy) == {"none", "flip"}  # tta = "flip" never tries the shifted views
+    none = train(config.replace(tta="none"), synthetic_splits, device="cpu")
+    assert none.tta == "none" and not none.tta_val_accuracy and none.model is none.network
 
 
 def test_mirror_averaging_gives_probabilities_that_ignore_mirroring(synthetic_splits, tiny_config):

@@ -77,7 +77,7 @@ class StudySpec:
     enqueue: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     warm_start: WarmStart | None = None
     final: FinalPhase | None = None
-    recipe: str | None = None  # the recipe the fixed settings and the first trial come from
+    recipe: str | None = None  # the recipe the fixed settings and the first configuration tried come from
 
     @property
     def direction(self) -> str:
@@ -207,36 +207,38 @@ def parse_study(document: dict[str, Any], path: Path) -> StudySpec:
 
     recipe = _recipe(document, fail)
     enqueue = document.get("enqueue", [])
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise fail("enqueue", "must be a list of tables of searched values")
+    # Each configuration to try first, with the name an error gives it.
+    to_enqueue = [(f"enqueue[{i}]", values) for i, values in enumerate(enqueue)]
     if recipe is not None:
-        # The recipe's settings are the study's fixed ones ([fixed] overrides them), and its values of
-        # the searched fields are the first trial: the search starts from the recipe.
+        # The recipe's settings are the study's fixed ones ([fixed] overrides them), and the values it
+        # sets of the searched fields are tried before [[enqueue]]'s (the rest sampled): the search
+        # starts from the recipe.
         fixed = {**{k: v for k, v in recipe.settings.items() if k not in search}, **fixed}
-        start = TrainConfig().replace(**recipe.settings)
-        recipe_trial = {name: _as_toml_value(getattr(start, name)) for name in search}
-        enqueue = [recipe_trial, *enqueue] if isinstance(enqueue, list) else enqueue
+        recipe_trial = {name: _as_toml_value(value) for name, value in recipe.settings.items() if name in search}
+        to_enqueue.insert(0, (f"recipe {recipe.name}'s", recipe_trial))
 
     sampler = _component(document, "sampler", SAMPLERS, "tpe", fail)
     pruner = _component(document, "pruner", PRUNERS, "median", fail)
 
-    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
-        raise fail("enqueue", "must be a list of tables of searched values")
     by_name = {p.name: p for p in space}
     enqueued = []
-    for i, values in enumerate(enqueue):
-        missing = sorted(set(by_name) - set(values))
+    for label, values in to_enqueue:
+        missing = sorted(set(by_name) - set(values)) if label.startswith("enqueue") else []
         extra = sorted(set(values) - set(by_name))
         if missing or extra:
-            raise fail(f"enqueue[{i}]", f"must give exactly the searched fields; missing {missing}, unknown {extra}")
+            raise fail(label, f"must give exactly the searched fields; missing {missing}, unknown {extra}")
         try:
             TrainConfig().replace(**fixed, **values)
         except ConfigError as error:
-            raise fail(f"enqueue[{i}]", str(error)) from None
+            raise fail(label, str(error)) from None
         params = {k: v for name, value in values.items() for k, v in by_name[name].as_params(value).items()}
         outside = [name for name in values if not by_name[name].fits(params)]
         if outside:
-            where = f"recipe {recipe.name}'s {outside[0]}" if recipe is not None and i == 0 else \
-                f"enqueue[{i}].{outside[0]}"
-            raise fail(where, f"{values[outside[0]]!r} is outside the search space of search.{outside[0]}")
+            separator = " " if label.startswith("recipe") else "."
+            raise fail(f"{label}{separator}{outside[0]}",
+                       f"{values[outside[0]]!r} is outside the search space of search.{outside[0]}")
         enqueued.append(params)
 
     warm_start = _optional_table(document, "warm_start", WarmStart, fail)
