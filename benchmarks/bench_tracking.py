@@ -1,4 +1,4 @@
-"""`make bench` (part 2): what MLflow tracking adds to a study's wall time.
+"""`make bench` (part 6): what MLflow tracking adds to a study's wall time.
 
 The same study runs twice on the real data, in temporary Optuna and MLflow stores: once with
 tracking off (the do-nothing tracker), once with it on (a parent run, a nested run per trial with
