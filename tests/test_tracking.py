@@ -269,8 +269,9 @@ def test_a_model_averaging_over_shifted_views_is_exported_for_raw_pixels(shared_
     torch.manual_seed(0)
     network = build_model(TrainConfig(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=2, cnn_pool_first=True))
     averaging = TranslateFlipAveraged(network, synthetic_splits.background).eval()
-    with mlflow.start_run() as run:
-        uri = log_raw_pixel_model(run.info.run_id, averaging, synthetic_splits)
+    with mlflow.start_run() as run:  # a run to log to, as a trial's; log_raw_pixel_model reopens it
+        pass
+    uri = log_raw_pixel_model(run.info.run_id, averaging, synthetic_splits)
     raw = (synthetic_splits.val_images[:6, 0] * synthetic_splits.std + synthetic_splits.mean) * 255  # pixels 0-255
     scores = np.asarray(mlflow.pyfunc.load_model(uri).predict(raw.numpy().astype(np.float32)))
     with torch.inference_mode():
