@@ -95,8 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
           file=out)
     print(f"train accuracy      {train_accuracy:6.2%}", file=out)
     views = {"flip": "the mirror image", "flip-translate": "the mirror image and one-pixel shifts"}
-    mirrored = f"   (averaged over {views[result.tta]}: it paid on validation)" if result.flip_averaged else ""
-    print(f"validation accuracy {result.best_val_accuracy:6.2%}{mirrored}", file=out)
+    averaged = f"   (averaged over {views[result.tta]}: it paid on validation)" if result.flip_averaged else ""
+    print(f"validation accuracy {result.best_val_accuracy:6.2%}{averaged}", file=out)
     print(f"test accuracy       {test_accuracy:6.2%}   (the notebook: {NOTEBOOK_TEST_ACCURACY:.2%})", file=out)
     if args.json:
         print(json.dumps({
@@ -178,7 +178,7 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
     from pipeline.paths import REPORTS_DIR
     from pipeline.stores import configure_mlflow
 
-    keep_freed_memory()  # predictions at large batches: see there
+    keep_freed_memory()  # the sweep predicts the test split again and again at batch 2,048
     configure_mlflow()
     alias = None if args.version is not None else args.alias
     result = evaluate_registered(args.model, alias=alias, version=args.version, prune_sweep=args.prune_sweep,

@@ -58,7 +58,8 @@ class TrainResult:
 
     @property
     def flip_averaged(self) -> bool:
-        """Whether ``model`` averages its predictions over the mirror image (and perhaps more views)."""
+        """Whether ``model`` averages its predictions over the mirror image (and perhaps more views): the
+        run tag and JSON key of that name predate ``tta`` and are kept for what reads them."""
         return self.tta != "none"
 
     @property
