@@ -8,7 +8,6 @@ trial tried first (after a warm start's), so a search starts from the recipe.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.paths import RECIPES_DIR
+from pipeline.toml_files import named_path, names_in, read_toml
 
 
 class RecipeError(PipelineError):
@@ -35,14 +35,11 @@ class Recipe:
 
 def recipe_path(name_or_path: str | Path) -> Path:
     """`fast-cnn` -> recipes/fast-cnn.toml; a path (with a folder or a .toml suffix) is taken as given."""
-    candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.parent != Path("."):
-        return candidate
-    return RECIPES_DIR / f"{candidate}.toml"
+    return named_path(name_or_path, RECIPES_DIR)
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    return names_in(RECIPES_DIR)
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -50,12 +47,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         known = ", ".join(available_recipes()) or "none"
         raise RecipeError(f"{path}: no such recipe file (recipes in {RECIPES_DIR}: {known})")
-    try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{path}: not valid TOML: {error}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file (a recipe is TOML, e.g. recipes/fast-cnn.toml)") from None
+    document = read_toml(path, RecipeError, "a recipe is TOML, e.g. recipes/fast-cnn.toml")
     description = document.pop("description", "")
     if not isinstance(description, str):
         raise RecipeError(f"{path}: description: must be a string")

@@ -9,7 +9,6 @@ load time so that their settings are checked by Optuna itself.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from pipeline.paths import STUDIES_DIR
 from pipeline.recipes import Recipe, RecipeError, load_recipe
 from pipeline.search import attrs
 from pipeline.search.space import Param, is_int, is_number, parse_param
+from pipeline.toml_files import named_path, names_in, read_toml
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -149,14 +149,11 @@ class StudySpec:
 
 def study_path(name_or_path: str | Path) -> Path:
     """`mlp` -> studies/mlp.toml; a path is taken as given."""
-    candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.parent != Path("."):
-        return candidate
-    return STUDIES_DIR / f"{candidate}.toml"
+    return named_path(name_or_path, STUDIES_DIR)
 
 
 def available_studies() -> list[str]:
-    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+    return names_in(STUDIES_DIR)
 
 
 def load_study(name_or_path: str | Path) -> StudySpec:
@@ -164,12 +161,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     if not path.is_file():
         known = ", ".join(available_studies()) or "none"
         raise StudyFileError(f"{path}: no such study file (studies here: {known})")
-    try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise StudyFileError(f"{path}: not valid TOML: {error}") from None
-    except UnicodeDecodeError:
-        raise StudyFileError(f"{path}: not a text file (a study file is TOML, e.g. studies/mlp.toml)") from None
+    document = read_toml(path, StudyFileError, "a study file is TOML, e.g. studies/mlp.toml")
     return parse_study(document, path)
 
 
