@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 ARGS ?=
-# STUDY, TRIALS, TIMEOUT, WORKERS and the *_PORT variables are passed on only when set: their
+# STUDY, SEED, TRIALS, TIMEOUT, WORKERS and the *_PORT variables are passed on only when set: their
 # defaults live once, in `python -m pipeline <command> --help`.
 export MLFLOW_DISABLE_TELEMETRY = true
 ifdef STORAGE
@@ -19,7 +19,7 @@ export OPTUNA_STORAGE = $(STORAGE)
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train tune evaluate-best compare dashboard ui serve services services-stop services-status \
+.PHONY: help install data train tune baseline evaluate-best compare dashboard ui serve services services-stop services-status \
 	test test-fast smoke bench clean
 
 help: ## list the targets
@@ -39,9 +39,12 @@ data: $(INSTALLED) ## make Fashion-MNIST available and verify it
 train: data ## train once, report train/validation/test accuracy: the notebook's MLP, or RECIPE=fast-cnn (ARGS="--set lr=0.003")
 	$(PY) -m pipeline train $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
-tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn|cnn-gpu TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
-	@$(PY) -m pipeline tune $(if $(STUDY),--study $(STUDY)) $(if $(WORKERS),--workers $(WORKERS)) \
-		$(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
+tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn|cnn-gpu SEED=n TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
+	@$(PY) -m pipeline tune $(if $(STUDY),--study $(STUDY)) $(if $(SEED),--seed $(SEED)) \
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
+
+baseline: data ## the study's default trained for the study's time, for make compare (STUDY=cnn SEED=n)
+	@$(PY) -m pipeline baseline $(if $(STUDY),--study $(STUDY)) $(if $(SEED),--seed $(SEED)) $(ARGS)
 
 evaluate-best: data ## the champion on the test set: terminal report, reports/<model>-v<N>/report.html, MLflow run
 	$(PY) -m pipeline evaluate-best --prune-sweep $(ARGS)

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, help="finished trials the study should reach (default: the study file's)")
     tune.add_argument("--timeout", type=float, help="seconds for this session (default: the study file's)")
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
+    add_seed_option(tune)
     tune.add_argument("--no-final", dest="final_phase", action="store_false",
                       help="skip the study file's final phase (the best configuration retrained for longer)")
     add_storage_option(tune)
@@ -76,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracking_option(tune, "no MLflow runs, models or promotion (Optuna storage only)")
     add_json_option(tune, "print the summary as one JSON object on the last line")
     tune.set_defaults(handler=commands.run_tune)
+
+    baseline = command("baseline", help="the study's default configuration trained for the study's time",
+                       description="Train the study's default configuration (its recipe's, or its first "
+                                   "[[enqueue]]) once, for the epochs that fit the study's busy wall time at its "
+                                   "own pace (capped by the study's final.max_epochs), as study <name>-baseline: "
+                                   "what `make compare` measures the search against. Never promoted.")
+    baseline.add_argument("--study", default=DEFAULT_STUDY,
+                          help=f"a study name (studies/<name>.toml) or a path (default: {DEFAULT_STUDY})")
+    add_seed_option(baseline)
+    baseline.add_argument("--seconds", type=float, help="the time to fit (default: the study's busy wall time)")
+    baseline.add_argument("--max-epochs", type=int, help="at most this many epochs (default: final.max_epochs)")
+    add_storage_option(baseline)
+    add_settings_option(baseline, "change one of the study's fixed settings, as on tune (the tests shrink it so)")
+    add_device_option(baseline, "auto, cpu, cuda")
+    add_tracking_option(baseline, "no MLflow runs")
+    add_json_option(baseline, "print the summary as one JSON object on the last line")
+    baseline.set_defaults(handler=commands.run_baseline)
 
     best = command("evaluate-best", help="evaluate a registered model (the champion) on the test set",
                    description="Load a registered model from MLflow as an outside client would and evaluate it on "
@@ -135,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"the tracking server's port (default: {DEFAULT_MLFLOW_PORT}, else a free one)")
     services.set_defaults(handler=commands.run_services)
     return parser
+
+
+def add_seed_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, help="the sampler's seed; another than the study file's makes the "
+                                                 "study <name>-seed<N> (make: SEED=n)")
 
 
 def add_storage_option(parser: argparse.ArgumentParser) -> None:

@@ -129,7 +129,8 @@ def run_tune(args: argparse.Namespace) -> int:
     from pipeline.tracking import session_tracker
 
     settings = parse_overrides(args.overrides)
-    spec = load_study(args.study).with_settings(settings)  # a bad file or setting fails here, before any worker
+    # A bad file or setting fails here, before any worker.
+    spec = load_study(args.study).with_settings(settings).with_seed(args.seed)
     if args.workers < 1:
         raise ConfigError(f"--workers (WORKERS) must be at least 1, got {args.workers}")
     if args.workers > available_cpus():  # each worker needs a core for itself, GPU or not
@@ -165,6 +166,42 @@ def run_tune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are kept in {redact(session.storage)}; "
               f"run the same command again to continue study {spec.name}", file=sys.stderr)
+        return 130
+    print("\n" + format_summary(summary))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    from pipeline.search.baseline import baseline_spec, describe_plan, plan_baseline, queue_baseline
+    from pipeline.search.session import Session, run_session
+    from pipeline.search.study import prepare_study, quiet_optuna
+    from pipeline.search.study_file import load_study
+    from pipeline.search.summary import count_complete_or_pruned, format_summary
+    from pipeline.stores import check_tracking_store, open_storage, storage_url
+    from pipeline.tracking import session_tracker
+
+    for flag, value in (("--seconds", args.seconds), ("--max-epochs", args.max_epochs)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be positive, got {value:g}")
+    quiet_optuna()
+    spec = load_study(args.study).with_settings(parse_overrides(args.overrides)).with_seed(args.seed)
+    storage = storage_url(args.storage)
+    opened = open_storage(storage, must_exist=args.seconds is None)
+    plan = plan_baseline(spec, opened, seconds=args.seconds, max_epochs=args.max_epochs)
+    if args.tracking:
+        check_tracking_store()
+    baseline = baseline_spec(spec, plan.epochs)
+    print(describe_plan(spec, plan), flush=True)
+    study = prepare_study(baseline, opened)
+    queue_baseline(baseline, study)
+    session = Session(spec=baseline, storage=storage, target_trials=count_complete_or_pruned(study) + 1,
+                      timeout=None, device=args.device, final_phase=False, promote=False)
+    try:
+        summary = run_session(session, session_tracker(baseline, storage, enabled=args.tracking))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to train the baseline of {spec.name}", file=sys.stderr)
         return 130
     print("\n" + format_summary(summary))
     if args.json:

@@ -60,7 +60,7 @@ def describe(study: optuna.Study) -> StudyRecord:
         if trial.state == TrialState.COMPLETE and (best is None or (trial.value > best) == maximize):
             best = trial.value
         if best is not None:
-            curve.append((_busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
+            curve.append((busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
     epochs_run, epochs_unpruned = epoch_counts(trials)
     near = next(((s, e) for s, e, b in curve if abs(best - b) <= NEAR_BEST + 1e-12), (None, None)) if curve else (None, None)
     about = study.user_attrs
@@ -68,12 +68,12 @@ def describe(study: optuna.Study) -> StudyRecord:
         study=study.study_name, model_family=about.get(attrs.STUDY_MODEL_FAMILY, "?"),
         sampler=about.get(attrs.STUDY_SAMPLER, "?"), pruner=about.get(attrs.STUDY_PRUNER, "?"), best_val_accuracy=best, complete=counts[TrialState.COMPLETE],
         pruned=counts[TrialState.PRUNED], failed=counts[TrialState.FAIL], epochs_run=epochs_run,
-        epochs_unpruned=epochs_unpruned, wall_seconds=_busy_seconds(spans), seconds_to_near_best=near[0],
+        epochs_unpruned=epochs_unpruned, wall_seconds=busy_seconds(spans), seconds_to_near_best=near[0],
         epochs_to_near_best=near[1], curve=curve,
         values=[t.value for t in trials if t.state == TrialState.COMPLETE])
 
 
-def _busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
+def busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
     """The length of the union of the intervals, counted up to ``until``: the time some trial was running."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):

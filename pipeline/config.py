@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 
 ModelFamily = Literal["mlp", "cnn"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
-ScheduleName = Literal["onecycle", "cosine", "plateau", "none"]
+ScheduleName = Literal["onecycle", "wsd", "cosine", "plateau", "none"]
 AugmentName = Literal["none", "flip", "crop-flip"]
 TTAName = Literal["none", "flip", "flip-translate"]
 PrecisionName = Literal["auto", "float32", "bfloat16"]
@@ -45,9 +45,15 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: OptimizerName = "adamw"
     lr: float = 2e-3  # peak learning rate (OneCycle's max_lr)
+    # The batch size `lr` is given for (0: `lr` as it is). With 128, a batch of 256 trains at sqrt(2) * lr
+    # (Adam, AdamW) or 2 * lr (SGD): a study then samples lr and batch_size independently of each other.
+    lr_reference_batch: int = 0
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only (Nesterov)
     label_smoothing: float = 0.1
+    # onecycle: warm-up over the first 30 %, then down to zero. wsd (warmup-stable-decay): one epoch's
+    # warm-up, constant, then down to zero over the last quarter: every trial of a study is at the same
+    # learning rate until the decay, so pruning rungs before it compare like with like.
     schedule: ScheduleName = "onecycle"
     patience: int = 0  # early stopping for stand-alone runs, in epochs without improvement; 0: off
 
@@ -78,6 +84,7 @@ class TrainConfig:
         _require(self, "epochs", self.epochs >= 1, ">= 1")
         _require(self, "batch_size", self.batch_size >= 2, ">= 2 (batch norm needs two samples)")
         _require(self, "lr", self.lr > 0, "> 0")
+        _require(self, "lr_reference_batch", self.lr_reference_batch >= 0, ">= 0 (0: lr as it is)")
         _require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
         _require(self, "momentum", 0 <= self.momentum < 1, "0 <= momentum < 1")
         _require(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= label_smoothing < 1")

@@ -7,6 +7,7 @@ and hits are summed on the device and read once per epoch: each ``.item()`` is a
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -146,7 +147,7 @@ def train(config: TrainConfig, data: Splits, *, device: torch.device | str,
                 loss = smoothed_nll(log_probs, labels, config.label_smoothing)
             loss.backward()
             optimizer.step()
-            if config.schedule in ("onecycle", "cosine"):
+            if config.schedule in PER_STEP_SCHEDULES:
                 scheduler.step()
             loss_sum += loss.detach() * len(labels)
             hits += (log_probs.argmax(dim=1) == labels).sum()
@@ -247,22 +248,54 @@ def nll_and_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return loss, accuracy
 
 
+def batch_scaled_lr(config: TrainConfig) -> float:
+    """The learning rate for the configured batch size: `lr` as it is, or, when `lr_reference_batch` is
+    set, `lr` scaled from that batch size: linearly for SGD (Goyal et al., 2017), by the square root for
+    Adam and AdamW (Malladi et al., 2022), whose steps do not grow with the gradient's size."""
+    if not config.lr_reference_batch:
+        return config.lr
+    ratio = config.batch_size / config.lr_reference_batch
+    return config.lr * (ratio if config.optimizer == "sgd" else math.sqrt(ratio))
+
+
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    params, lr = model.parameters(), batch_scaled_lr(config)
     if config.optimizer == "sgd":
         # Nesterov needs momentum: with momentum 0 this is plain SGD (torch refuses nesterov=True there).
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0,
                                weight_decay=config.weight_decay)
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop over tensors.
-    return optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    return optimizer_class(params, lr=lr, weight_decay=config.weight_decay, fused=True)
+
+
+PER_STEP_SCHEDULES = ("onecycle", "wsd", "cosine")
+WSD_DECAY_SHARE = 0.25  # wsd: the last quarter of the steps decays to zero
+
+
+def wsd_factor(step: int, *, total_steps: int, warmup_steps: int) -> float:
+    """Warmup-stable-decay: a linear warm-up, then the full rate, then linearly to zero over the last
+    WSD_DECAY_SHARE of the steps. The warm-up is a number of steps, not a share of the run, so a trial
+    of 20 epochs and the final phase's 60 follow the same rate until their decays begin."""
+    decay_steps = max(1, round(total_steps * WSD_DECAY_SHARE))
+    if step >= total_steps - decay_steps:
+        return max(0.0, (total_steps - step) / decay_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """OneCycle and cosine step per batch; reduce-on-plateau steps per epoch on validation accuracy."""
+    """OneCycle, wsd and cosine step per batch; reduce-on-plateau steps per epoch on validation accuracy."""
     total_steps = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=batch_scaled_lr(config),
+                                                   total_steps=total_steps)
+    if config.schedule == "wsd":
+        # One epoch's warm-up (a quarter of the run at most); functools.partial keeps the state dict picklable.
+        factor = functools.partial(wsd_factor, total_steps=total_steps,
+                                   warmup_steps=min(steps_per_epoch, max(1, total_steps // 4)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.schedule == "plateau":

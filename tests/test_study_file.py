@@ -6,6 +6,7 @@ from optuna.trial import FixedTrial
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.recipes import load_recipe
 from pipeline.search.study_file import StudyFileError, load_study
+from pipeline.train import batch_scaled_lr
 
 SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random"]
 
@@ -53,13 +54,18 @@ def test_the_gpu_study_can_start_from_what_the_cnn_study_tries_first():
 def test_the_mlp_study_starts_from_the_default_configuration():
     spec = load_study("mlp")
     first = spec.config_for(FixedTrial(spec.enqueue[0]))
-    assert first.replace(epochs=TrainConfig().epochs) == TrainConfig()
+    # The notebook's network and optimizer; only the schedule is the study's (its rungs need wsd), and its
+    # lr, given per 128 images, is the default's at the default's batch size.
+    assert first.replace(epochs=TrainConfig().epochs, schedule="onecycle", lr_reference_batch=0) == TrainConfig()
+    assert batch_scaled_lr(first) == TrainConfig().lr
 
 
-def test_mlp_random_is_mlp_with_random_sampling_and_no_pruning():
+def test_mlp_random_is_mlp_with_random_sampling_and_the_same_pruning():
     mlp, random = load_study("mlp"), load_study("mlp-random")
-    assert random.space == mlp.space and random.fixed == mlp.fixed
-    assert random.sampler["name"] == "random" and random.pruner["name"] == "none"
+    assert random.space == mlp.space and random.fixed == mlp.fixed and random.enqueue == mlp.enqueue
+    assert random.sampler["name"] == "random" and random.pruner == mlp.pruner
+    # It searches for as long as mlp does before its final phase.
+    assert random.timeout == mlp.timeout - mlp.final.seconds and random.final is None
 
 
 VALID = """

@@ -31,6 +31,10 @@ STUDY_MODEL_FAMILY = "model_family"
 STUDY_SAMPLER = "sampler"
 STUDY_PRUNER = "pruner"
 STUDY_FILE = "study_file"
+STUDY_SEED = "sampler_seed"  # `make tune SEED=n`: studies of one file and kind differ only by it
+STUDY_KIND = "kind"  # "search", or "baseline" (`make baseline`: the default configuration trained once)
+STUDY_RUNGS = "pruning_rungs"  # the epochs at which the pruner compares trials (rank correlations use them)
+BASELINE_OF = "baseline_of"  # a baseline study: the study whose default and time it matches
 
 
 def is_final_run(trial) -> bool:

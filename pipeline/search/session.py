@@ -31,6 +31,7 @@ class Session:
     workers: int = 1
     device: str = "auto"
     final_phase: bool = True  # run the study file's [final] phase, if it has one
+    promote: bool = True  # register the best model and offer it as champion (a baseline is not offered)
 
 
 def run_session(session: Session, tracker=None) -> dict:
@@ -57,7 +58,7 @@ def run_session(session: Session, tracker=None) -> dict:
         tracker.finish(study, summary, status=status)
         raise
     summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
-    promotion = tracker.promote(study)
+    promotion = tracker.promote(study) if session.promote else None
     if promotion:
         summary["promotion"] = promotion
     tracker.finish(study, summary)

@@ -48,8 +48,10 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     family = study_family(spec)
     for key, value in ((attrs.STUDY_DESCRIPTION, spec.description), (attrs.STUDY_MODEL_FAMILY, family),
                        (attrs.STUDY_SAMPLER, spec.sampler["name"]), (attrs.STUDY_PRUNER, spec.pruner["name"]),
-                       (attrs.STUDY_FILE, str(spec.path))):
-        if study.user_attrs.get(key) != value:
+                       (attrs.STUDY_FILE, str(spec.path)), (attrs.STUDY_SEED, spec.sampler.get("seed")),
+                       (attrs.STUDY_KIND, spec.kind), (attrs.STUDY_RUNGS, spec.pruning_rungs()),
+                       (attrs.BASELINE_OF, spec.baseline_of)):
+        if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
     if not study.get_trials(deepcopy=False):
         for params in [*warm_start_params(spec, storage), *spec.enqueue]:

@@ -78,6 +78,11 @@ class StudySpec:
     warm_start: WarmStart | None = None
     final: FinalPhase | None = None
     recipe: str | None = None  # the recipe the fixed settings and the first configuration tried come from
+    baseline_of: str | None = None  # a baseline (`make baseline`): the study whose default it trains once
+
+    @property
+    def kind(self) -> str:
+        return "baseline" if self.baseline_of else "search"
 
     @property
     def direction(self) -> str:
@@ -134,6 +139,31 @@ class StudySpec:
             return []
         unused = fields_unused_by(self.base_config().model)
         return [(name, unused[name]) for name in sorted(names) if name in unused]
+
+    def with_seed(self, seed: int | None) -> StudySpec:
+        """The same study with another sampler seed (`make tune SEED=1`), as its own study, named
+        `<name>-seed<seed>`, so that seeds sit side by side in `make compare`. The file's own seed (or
+        none given) is the study itself. Training seeds stay as the file sets them: every seed's
+        enqueued default trains alike, so each search is measured against the same point."""
+        if seed is None or seed == self.sampler.get("seed"):
+            return self
+        return replace(self, name=f"{self.name}-seed{seed}", sampler={**self.sampler, "seed": seed})
+
+    def pruning_rungs(self) -> list[int]:
+        """The epochs at which the pruner first compares trials, from its settings: successive halving's
+        rungs (min_resource * reduction_factor ** k, below the last epoch), or the first epoch a median or
+        percentile pruner may prune at; none for no pruner, or settings that leave them to Optuna."""
+        name, settings, last = self.pruner["name"], self.pruner, self.max_epochs
+        if name in ("successive_halving", "hyperband"):
+            low, factor = settings.get("min_resource", 1 if name == "hyperband" else "auto"), settings.get(
+                "reduction_factor", 4 if name == "successive_halving" else 3)
+            if not is_int(low):
+                return []
+            start = low * factor ** settings.get("min_early_stopping_rate", 0)
+            return [r for r in (start * factor ** k for k in range(16)) if r < last]
+        if name == "median":
+            return [max(1, settings.get("n_warmup_steps", 0))]
+        return []
 
     def make_sampler(self, worker: int = 0) -> optuna.samplers.BaseSampler:
         """Parallel workers each get their own seed (seed + worker): with one seed they would sample alike."""
