@@ -24,6 +24,7 @@ MODEL_URI = "model_uri"  # its logged model, when it improved on the study's bes
 RETRY_OF = "retry_of"  # the trial whose parameters it runs again (Ctrl-C, a lost storage)
 FINAL_OF = "final_of"  # a final-phase run: the trial whose configuration it retrains
 FINAL_EPOCHS = "final_epochs"  # ... for this many epochs
+DEFAULT_CONFIGURATION = "default_configuration"  # the study's default (its recipe's or first [[enqueue]])
 
 # Study attributes (study.py), shown by the dashboard and read by `make compare`.
 STUDY_DESCRIPTION = "description"

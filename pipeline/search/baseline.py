@@ -84,4 +84,4 @@ def queue_baseline(spec: StudySpec, study: optuna.Study) -> None:
     if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         return
     if study.get_trials(deepcopy=False):
-        study.enqueue_trial(spec.enqueue[0])
+        study.enqueue_trial(spec.enqueue[0], user_attrs={attrs.DEFAULT_CONFIGURATION: True})

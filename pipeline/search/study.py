@@ -54,8 +54,11 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
         if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
     if not study.get_trials(deepcopy=False):
-        for params in [*warm_start_params(spec, storage), *spec.enqueue]:
+        for params in warm_start_params(spec, storage):
             study.enqueue_trial(params, skip_if_exists=True)
+        for i, params in enumerate(spec.enqueue):  # the first is the default every result is measured against
+            study.enqueue_trial(params, user_attrs={attrs.DEFAULT_CONFIGURATION: True} if i == 0 else None,
+                                skip_if_exists=True)
     requeue_interrupted(study)
     return study
 

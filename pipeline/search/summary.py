@@ -74,6 +74,60 @@ def epochs_below_median(trials) -> tuple[int, int]:
     return below, sum(t.user_attrs.get(attrs.EPOCHS_RUN, 0) for t in finished)
 
 
+def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None with fewer than three pairs or
+    when either side does not vary. Python 3.11's statistics module has no ranked correlation."""
+    if len(xs) < 3:
+        return None
+    try:
+        return statistics.correlation(_ranks(xs), _ranks(ys))
+    except statistics.StatisticsError:  # a constant side
+        return None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def searched_trials(trials) -> list:
+    """The complete and pruned trials of the search itself: final-phase runs are left out."""
+    return [t for t in trials if t.state in COMPLETE_OR_PRUNED and not attrs.is_final_run(t)]
+
+
+def rung_report(trials, rungs: list[int]) -> dict:
+    """How far pruning could be trusted: at each rung (an epoch where the pruner compares trials), the
+    rank correlation between the values there and the final values of the trials that ran to the end
+    (a value near 1: the rung ranked them as the end did); and how many searched trials reached the
+    last rung. Selection narrows the trials that reach the end, which lowers the correlation: a
+    conservative figure."""
+    searched = searched_trials(trials)
+    ended = [t for t in searched if t.state == TrialState.COMPLETE]
+    report = {"rungs": [], "searched": len(searched), "reached_last_rung": None}
+    for rung in rungs:
+        pairs = [(t.intermediate_values[rung], t.value) for t in ended if rung in t.intermediate_values]
+        correlation = rank_correlation(*zip(*pairs)) if pairs else None
+        report["rungs"].append({"epoch": rung, "trials": len(pairs), "rank_correlation": correlation})
+    if rungs:
+        report["reached_last_rung"] = sum(t.last_step is not None and t.last_step >= rungs[-1] for t in searched)
+    return report
+
+
+def default_trial(trials):
+    """The study's default configuration's trial (queued first and marked so in prepare_study), if it ran."""
+    return next((t for t in trials if t.user_attrs.get(attrs.DEFAULT_CONFIGURATION)
+                 and t.state == TrialState.COMPLETE and not attrs.is_final_run(t)), None)
+
+
 def _final_value(trial) -> float | None:
     if trial.state == TrialState.COMPLETE:
         return trial.value
@@ -83,6 +137,8 @@ def _final_value(trial) -> float | None:
 def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
     """The session's numbers (``max_epochs``: what a trial recorded before `max_epochs` existed ran)."""
     trials = study.get_trials(deepcopy=False)
+    rungs = study.user_attrs.get(attrs.STUDY_RUNGS, [])
+    default = default_trial(trials)
     counts = Counter(t.state.name for t in trials)
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     epochs_run, epochs_unpruned = epoch_counts(trials, default_max_epochs=max_epochs)
@@ -95,6 +151,8 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
         "epochs_below_median": epochs_below_median(trials)[0],
         "session_seconds": round(seconds, 1),
         "best_trial": None,
+        "pruning": rung_report(trials, rungs) if rungs else None,
+        "default_trial": {"number": default.number, "val_accuracy": default.value} if default else None,
     }
     tracked = [t for t in finished if attrs.TRACKING_SECONDS in t.user_attrs]
     if tracked:
@@ -115,6 +173,19 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
                             "val_accuracy": final.value, "of": retrained.number, "of_val_accuracy": retrained.value,
                             "of_epochs": retrained.user_attrs.get(attrs.EPOCHS_RUN)}
     return summary
+def _pruning_lines(pruning: dict | None) -> list[str]:
+    if not pruning or not pruning["searched"]:
+        return []
+    rungs = pruning["rungs"]
+    correlations = ", ".join(f"{r['rank_correlation']:.2f} at epoch {r['epoch']} ({r['trials']} trials)"
+                             if r["rank_correlation"] is not None else f"- at epoch {r['epoch']} ({r['trials']} trials)"
+                             for r in rungs)
+    reached = pruning["reached_last_rung"]
+    return [f"Pruning rungs: rank correlation with the final value, over the trials that ran to the end: "
+            f"{correlations}; {reached} of {pruning['searched']} searched trials ({reached / pruning['searched']:.0%}) "
+            f"reached the last rung (epoch {rungs[-1]['epoch']})"]
+
+
 def format_summary(summary: dict) -> str:
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary["states"].items())) or "none"
     lines = [f"Study {summary['study']}: {summary['trials']} trials ({states})"]
@@ -142,6 +213,13 @@ def format_summary(summary: dict) -> str:
         below = summary["epochs_below_median"]
         lines.append(f"Epochs on trials that ended below the median: {below} of {summary['epochs_run']} "
                      f"({below / summary['epochs_run']:.0%})")
+    lines += _pruning_lines(summary.get("pruning"))
+    default = summary.get("default_trial")
+    if best and default and best["number"] != default["number"]:
+        lines.append(f"Against the default configuration (trial {default['number']}, {default['val_accuracy']:.2%}): "
+                     f"{(best['val_accuracy'] - default['val_accuracy']) * 100:+.2f} points")
+    elif best and default:
+        lines.append("The default configuration (the first trial) is still the best: the search has not beaten it")
     lines.append(f"Wall time this session: {clock(summary['session_seconds'])}")
     if "trial_tracking_seconds" in summary:
         in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]
