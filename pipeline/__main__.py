@@ -107,13 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     best.set_defaults(handler=commands.run_evaluate_best)
 
     compare = command("compare", help="studies side by side: best accuracy for the time and epochs spent",
-                      description="A table of the studies (model family, sampler, pruner, best validation accuracy, "
-                                  "trials by state, epochs against unpruned, busy wall time, time to within 0.2 "
-                                  "points of the best), reports/compare.html (best-so-far against wall time and "
-                                  "epochs; the spread of accuracies), and a run in the MLflow experiment `compare`.")
+                      description="A table of the studies (sampler, pruner, best validation accuracy and its lead "
+                                  "over the default configuration, trials by state, epochs against unpruned, busy "
+                                  "wall time, time to within 0.2 points of the best and of the reference, rank "
+                                  "correlation at the pruning rungs), one of the groups (seeds of one search: median "
+                                  "and spread; baselines), reports/compare.html (the tables, best-so-far against "
+                                  "wall time and epochs, the spread of accuracies), and a run in the MLflow "
+                                  "experiment `compare`.")
     compare.add_argument("studies", nargs="*", help="study names (default: every study in the storage)")
     add_storage_option(compare)
     compare.add_argument("--reports-dir", type=Path, help="where compare.html goes (default: reports/)")
+    compare.add_argument("--rungs", type=epoch_list, metavar="E1,E2",
+                         help="rank correlations at these epochs instead of each study's pruning rungs, e.g. 3,9 "
+                              "on an unpruned study: where would rungs predict the end?")
+    compare.add_argument("--reference", metavar="GROUP",
+                         help="the group whose median best, less 0.2 points, each study is timed to (default: "
+                              "each model family's random-search group)")
     add_tracking_option(compare, "no MLflow run")
     add_json_option(compare, "print the records as one JSON object on the last line")
     compare.set_defaults(handler=commands.run_compare)
@@ -193,6 +202,16 @@ def add_address_options(parser: argparse.ArgumentParser, *, port: int, variable:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=port, help=f"port (default: {port}; make: {variable})")
     parser.set_defaults(port_variable=variable)
+
+
+def epoch_list(text: str) -> list[int]:
+    try:
+        epochs = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected epochs separated by commas, e.g. 3,9") from None
+    if epochs[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs count from 1")
+    return epochs
 
 
 def port_number(text: str) -> int:

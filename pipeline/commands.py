@@ -227,22 +227,33 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import as_dict, compare, format_table, log_comparison, write_page
+    from pipeline.compare import (
+        as_dict,
+        compare,
+        format_groups,
+        format_table,
+        group_records,
+        log_comparison,
+        write_page,
+    )
     from pipeline.paths import REPORTS_DIR
     from pipeline.search.study import quiet_optuna
     from pipeline.stores import configure_mlflow, open_storage, storage_url
 
     quiet_optuna()
     reports = reports_folder(args.reports_dir or REPORTS_DIR)
-    records = compare(open_storage(storage_url(args.storage), must_exist=True), args.studies)
+    records = compare(open_storage(storage_url(args.storage), must_exist=True), args.studies, args.rungs)
+    groups, levels = group_records(records, args.reference)
     print(format_table(records))
-    page = write_page(records, reports)
-    print(f"\nfigures: {page}")
+    print("\n" + format_groups(groups))
+    page = write_page(records, groups, levels, reports)
+    print(f"\nfigures and tables: {page}")
     if args.tracking:
         configure_mlflow()
-        print(f"MLflow run: {log_comparison(records, page)} (experiment `compare`)")
+        print(f"MLflow run: {log_comparison(records, groups, page)} (experiment `compare`)")
     if args.json:
-        print(json.dumps({"studies": [as_dict(r) for r in records]}))
+        print(json.dumps({"studies": [as_dict(r) for r in records], "groups": [asdict(g) for g in groups],
+                          "reference_levels": levels}))
     return 0
 
 

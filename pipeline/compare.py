@@ -1,5 +1,6 @@
-"""Studies side by side: did TPE with pruning beat random search, did the CNN beat the MLP, for
-the time and epochs spent? A table, a self-contained HTML page of best-so-far curves, and an MLflow run.
+"""Studies side by side: did the search beat its default trained alone, did TPE with pruning beat
+random search, did the CNN beat the MLP, for the time and epochs spent? Records per study, grouped
+across sampler seeds (`make tune SEED=n`), a table, a page (compare_page.py) and an MLflow run.
 
 Time is the study's busy wall time: the union of its trials' running intervals, so the gaps
 between sessions do not count and parallel workers are not counted twice.
@@ -7,8 +8,9 @@ between sessions do not count and parallel workers are not counted twice.
 
 from __future__ import annotations
 
-import html
+import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -16,7 +18,7 @@ from optuna.trial import TrialState
 from pipeline.paths import REPORTS_DIR
 from pipeline.progress import clock
 from pipeline.search import attrs
-from pipeline.search.summary import epoch_counts
+from pipeline.search.summary import default_trial, epoch_counts, rung_report
 
 NEAR_BEST = 0.002  # "came within 0.2 points of its own best"
 
@@ -41,13 +43,21 @@ class StudyRecord:
     # Best-so-far as each trial ended, in that order: (busy seconds, epochs spent by all ended trials, best).
     curve: list[tuple[float, int, float]] = field(default_factory=list, repr=False)
     values: list[float] = field(default_factory=list, repr=False)  # the complete trials' validation accuracies
+    group: str = ""  # the study file's name (seeds of one search share it), "<name>-baseline" for a baseline
+    kind: str = "search"  # or "baseline"
+    seed: int | None = None  # the sampler's
+    default_val_accuracy: float | None = None  # the study's default configuration's trial
+    pruning: dict | None = None  # summary.rung_report: rank correlation at each rung, trials reaching the last
+    seconds_to_reference: float | None = None  # busy time until best-so-far reached the reference level
 
 
 def study_names(storage) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
-def describe(study: optuna.Study) -> StudyRecord:
+def describe(study: optuna.Study, rungs: list[int] | None = None) -> StudyRecord:
+    """The study's record; ``rungs`` (epochs) replace the pruning rungs it recorded for the rank
+    correlations: an unpruned study shows where rungs would predict the end."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
     trials.sort(key=lambda t: t.datetime_complete)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
@@ -62,6 +72,8 @@ def describe(study: optuna.Study) -> StudyRecord:
         if best is not None:
             curve.append((busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
     epochs_run, epochs_unpruned = epoch_counts(trials)
+    default = default_trial(trials)
+    rungs = rungs or study.user_attrs.get(attrs.STUDY_RUNGS, [])
     near = next(((s, e) for s, e, b in curve if abs(best - b) <= NEAR_BEST + 1e-12), (None, None)) if curve else (None, None)
     about = study.user_attrs
     return StudyRecord(
@@ -70,7 +82,100 @@ def describe(study: optuna.Study) -> StudyRecord:
         pruned=counts[TrialState.PRUNED], failed=counts[TrialState.FAIL], epochs_run=epochs_run,
         epochs_unpruned=epochs_unpruned, wall_seconds=busy_seconds(spans), seconds_to_near_best=near[0],
         epochs_to_near_best=near[1], curve=curve,
-        values=[t.value for t in trials if t.state == TrialState.COMPLETE])
+        values=[t.value for t in trials if t.state == TrialState.COMPLETE], group=study_group(study),
+        kind=about.get(attrs.STUDY_KIND, "search"), seed=about.get(attrs.STUDY_SEED),
+        default_val_accuracy=default.value if default else None,
+        pruning=rung_report(trials, rungs) if rungs else None)
+
+
+def study_group(study: optuna.Study) -> str:
+    """Studies that differ only by the sampler's seed share a group: their study file's name (and a
+    baseline's, with "-baseline"). A study recorded before files were, is its own group."""
+    file = study.user_attrs.get(attrs.STUDY_FILE)
+    if file is None:
+        return study.study_name
+    stem = Path(file).stem
+    return f"{stem}-baseline" if study.user_attrs.get(attrs.STUDY_KIND) == "baseline" else stem
+
+
+@dataclass
+class GroupRecord:
+    """A search over its seeds (or a baseline): the spread `make compare` shows."""
+
+    group: str
+    kind: str
+    model_family: str
+    sampler: str
+    pruner: str
+    studies: list[str]
+    best_median: float | None
+    best_low: float | None
+    best_high: float | None
+    beat_default: int  # studies whose best trial is better than their default configuration's
+    with_default: int  # studies whose default configuration ran
+    seconds_to_reference_median: float | None  # None when a seed never got there
+    reached_reference: int  # studies that did
+    first_rung_correlation_median: float | None  # with the final values of the trials that ran to the end
+    first_rung_next_correlation_median: float | None  # with the next rung's values, over the trials reaching it
+    reached_last_rung_share: float | None  # of all the group's searched trials
+
+
+def group_records(records: list[StudyRecord], reference: str | None = None) -> tuple[list[GroupRecord], dict]:
+    """One record per group, and each study's time to its family's reference level, filled in on the
+    study records. The reference level of a model family is the median best of its reference group
+    less 0.2 points: ``reference``, or by default the family's random-search group. The question it
+    answers: how long did each search take to come within 0.2 points of what random search found?"""
+    groups: dict[str, list[StudyRecord]] = {}
+    for r in records:
+        groups.setdefault(r.group, []).append(r)
+    if reference is not None and reference not in groups:
+        from pipeline.search.study_file import StudyFileError
+
+        raise StudyFileError(f"--reference {reference!r} is not a group of the studies compared "
+                             f"(groups: {', '.join(groups)})")
+    levels = reference_levels(groups, reference)
+    for r in records:
+        level = levels.get(r.model_family)
+        if level is not None:
+            r.seconds_to_reference = next((s for s, _, best in r.curve if best >= level - 1e-12), None)
+    return [_group(name, members) for name, members in groups.items()], levels
+
+
+def reference_levels(groups: dict[str, list[StudyRecord]], reference: str | None) -> dict[str, float]:
+    levels = {}
+    for name, members in groups.items():
+        first = members[0]
+        chosen = name == reference if reference else (first.sampler == "random" and first.kind == "search")
+        bests = [m.best_val_accuracy for m in members if m.best_val_accuracy is not None]
+        if chosen and bests and first.model_family not in levels:
+            levels[first.model_family] = statistics.median(bests) - NEAR_BEST
+    return levels
+
+
+def _group(name: str, members: list[StudyRecord]) -> GroupRecord:
+    bests = [m.best_val_accuracy for m in members if m.best_val_accuracy is not None]
+    with_default = [m for m in members if m.default_val_accuracy is not None and m.best_val_accuracy is not None]
+    times = [m.seconds_to_reference for m in members]
+    first_rungs = [m.pruning["rungs"][0] for m in members if m.pruning and m.pruning["rungs"]]
+    searched = sum(m.pruning["searched"] for m in members if m.pruning)
+    reached = sum(m.pruning["reached_last_rung"] or 0 for m in members if m.pruning)
+    first = members[0]
+    return GroupRecord(
+        group=name, kind=first.kind, model_family=first.model_family, sampler=first.sampler, pruner=first.pruner,
+        studies=[m.study for m in members], best_median=statistics.median(bests) if bests else None,
+        best_low=min(bests, default=None), best_high=max(bests, default=None),
+        beat_default=sum(m.best_val_accuracy > m.default_val_accuracy for m in with_default),
+        with_default=len(with_default),
+        seconds_to_reference_median=statistics.median(times) if times and None not in times else None,
+        reached_reference=sum(t is not None for t in times),
+        first_rung_correlation_median=_median_of(first_rungs, "rank_correlation"),
+        first_rung_next_correlation_median=_median_of(first_rungs, "next_rank_correlation"),
+        reached_last_rung_share=reached / searched if searched else None)
+
+
+def _median_of(entries: list[dict], key: str) -> float | None:
+    values = [e[key] for e in entries if e.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
@@ -84,49 +189,61 @@ def busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) 
     return total
 
 
+def percent(value: float | None) -> str:
+    return f"{value:.2%}" if value is not None else "-"
+
+
 def format_table(records: list[StudyRecord]) -> str:
-    header = (f"{'study':<14}{'model':<6}{'sampler':<8}{'pruner':<20}{'best val':>9}{'C/P/F':>10}"
-              f"{'epochs':>15}{'wall':>9}{'to best-0.2':>16}")
+    header = (f"{'study':<20}{'sampler':<8}{'pruner':<19}{'best val':>9}{'vs default':>11}{'C/P/F':>10}"
+              f"{'epochs':>15}{'wall':>9}{'to best-0.2':>16}{'to ref':>8}{'rung rho':>9}")
     lines = [header, "-" * len(header)]
     for r in records:
-        best = f"{r.best_val_accuracy:.2%}" if r.best_val_accuracy is not None else "-"
         near = (f"{clock(r.seconds_to_near_best)} / {r.epochs_to_near_best} ep"
                 if r.seconds_to_near_best is not None else "-")
-        lines.append(f"{r.study:<14}{r.model_family:<6}{r.sampler:<8}{r.pruner:<20}{best:>9}"
-                     f"{f'{r.complete}/{r.pruned}/{r.failed}':>10}{f'{r.epochs_run} of {r.epochs_unpruned}':>15}"
-                     f"{clock(r.wall_seconds):>9}{near:>16}")
-    lines.append("C/P/F: trials complete / pruned / failed. epochs: run, of what the finished trials would have run "
-                 "unpruned. wall: busy wall time. to best-0.2: time and epochs until within 0.2 points of the best.")
+        lines.append(f"{r.study:<20}{r.sampler:<8}{r.pruner:<19}{percent(r.best_val_accuracy):>9}"
+                     f"{points_over_default(r):>11}{f'{r.complete}/{r.pruned}/{r.failed}':>10}"
+                     f"{f'{r.epochs_run} of {r.epochs_unpruned}':>15}{clock(r.wall_seconds):>9}{near:>16}"
+                     f"{clock(r.seconds_to_reference) if r.seconds_to_reference is not None else '-':>8}"
+                     f"{first_rung_correlation(r):>13}")
+    lines.append("vs default: best minus the default configuration's trial, in points. C/P/F: trials complete / "
+                 "pruned / failed. epochs: run, of what the finished trials would have run unpruned. wall: busy wall "
+                 "time. to best-0.2: time and epochs until within 0.2 points of the study's best. to ref: time "
+                 "until within 0.2 points of the reference (random search's median best). rung rho: rank "
+                 "correlation of the first pruning rung's values with the final values of the trials that ran to "
+                 "the end / with the next rung's values.")
     return "\n".join(lines)
 
 
-def comparison_page(records: list[StudyRecord]) -> str:
-    """Best-so-far against wall time and against epochs, and the spread of the complete trials'
-    accuracies: one self-contained page (plotly.js inlined once)."""
-    import plotly.graph_objects as go
-
-    from pipeline.figures import self_contained_html
-
-    against_time, against_epochs, spread = go.Figure(), go.Figure(), go.Figure()
-    for r in records:
-        seconds, epochs, best = zip(*r.curve) if r.curve else ((), (), ())
-        against_time.add_trace(go.Scatter(x=[s / 60 for s in seconds], y=best, name=r.study, mode="lines+markers",
-                                          line_shape="hv"))
-        against_epochs.add_trace(go.Scatter(x=epochs, y=best, name=r.study, mode="lines+markers", line_shape="hv"))
-        spread.add_trace(go.Box(y=r.values, name=r.study, boxpoints="all", jitter=0.4))
-    against_time.update_layout(title="Best validation accuracy so far, against busy wall time",
-                               xaxis_title="minutes", yaxis_title="val_accuracy")
-    against_epochs.update_layout(title="Best validation accuracy so far, against epochs spent",
-                                 xaxis_title="epochs", yaxis_title="val_accuracy")
-    spread.update_layout(title="Validation accuracy of the complete trials", yaxis_title="val_accuracy")
-    page = self_contained_html({"time": against_time, "epochs": against_epochs, "spread": spread},
-                               "Studies compared")
-    table = f"<pre>{html.escape(format_table(records))}</pre>"
-    return page.replace("</h1>", "</h1>" + table, 1)
+def format_groups(groups: list[GroupRecord]) -> str:
+    header = f"{'group':<20}{'studies':>8}{'best: median (low-high)':>28}{'beat default':>14}{'to ref, median':>24}"
+    lines = [header, "-" * len(header)]
+    for g in groups:
+        spread = f"{percent(g.best_median)} ({percent(g.best_low)}-{percent(g.best_high)})"
+        to_reference = (clock(g.seconds_to_reference_median) if g.seconds_to_reference_median is not None
+                        else f"{g.reached_reference} of {len(g.studies)} got there")
+        beat = f"{g.beat_default} of {g.with_default}" if g.kind == "search" else "-"
+        lines.append(f"{g.group:<20}{len(g.studies):>8}{spread:>28}{beat:>14}{to_reference:>24}")
+    return "\n".join(lines)
 
 
-def compare(storage, names: list[str] | None = None) -> list[StudyRecord]:
-    """One record per study (every study in the storage by default), in the order asked."""
+def points_over_default(record: StudyRecord) -> str:
+    if record.default_val_accuracy is None or record.best_val_accuracy is None:
+        return "-"
+    return f"{(record.best_val_accuracy - record.default_val_accuracy) * 100:+.2f}"
+
+
+def first_rung_correlation(record: StudyRecord) -> str:
+    """The first rung's rank correlations: with the final values / with the next rung's."""
+    rungs = record.pruning["rungs"] if record.pruning else []
+    if not rungs:
+        return "-"
+    return " / ".join("-" if rungs[0].get(key) is None else f"{rungs[0][key]:.2f}"
+                      for key in ("rank_correlation", "next_rank_correlation"))
+
+
+def compare(storage, names: list[str] | None = None, rungs: list[int] | None = None) -> list[StudyRecord]:
+    """One record per study (every study in the storage by default), in the order asked; ``rungs``
+    replace each study's own for the rank correlations."""
     from pipeline.search.study_file import StudyFileError
 
     known = study_names(storage)
@@ -138,17 +255,20 @@ def compare(storage, names: list[str] | None = None) -> list[StudyRecord]:
     if missing:
         raise StudyFileError(f"no study {missing[0]!r} in the storage (studies there: {', '.join(known) or 'none'}). "
                              f"Fix: run `make tune STUDY={missing[0]}` first, or pick from the list.")
-    return [describe(optuna.load_study(study_name=name, storage=storage)) for name in names]
+    return [describe(optuna.load_study(study_name=name, storage=storage), rungs) for name in names]
 
 
-def write_page(records: list[StudyRecord], folder=REPORTS_DIR):
+def write_page(records: list[StudyRecord], groups: list[GroupRecord], levels: dict[str, float],
+               folder=REPORTS_DIR) -> Path:
+    from pipeline.compare_page import comparison_page
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "compare.html"
-    path.write_text(comparison_page(records))
+    path.write_text(comparison_page(records, groups, levels))
     return path
 
 
-def log_comparison(records: list[StudyRecord], page_path) -> str:
+def log_comparison(records: list[StudyRecord], groups: list[GroupRecord], page_path) -> str:
     """A run in the `compare` experiment holding the page and the table, so the MLflow UI has it too."""
     import time
 
@@ -162,7 +282,8 @@ def log_comparison(records: list[StudyRecord], page_path) -> str:
     log_values(client, run.info.run_id, {f"best_val_accuracy.{r.study}": r.best_val_accuracy for r in records
                                          if r.best_val_accuracy is not None})
     client.log_artifact(run.info.run_id, str(page_path))
-    client.log_dict(run.info.run_id, [as_dict(r) for r in records], "compare.json")
+    client.log_dict(run.info.run_id, {"studies": [as_dict(r) for r in records],
+                                      "groups": [asdict(g) for g in groups]}, "compare.json")
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 

@@ -108,3 +108,102 @@ def test_a_study_not_in_the_storage_is_one_clear_line(storage_url, capsys):
     assert main(["compare", "nope", "--storage", storage_url, "--no-tracking"]) == 1
     error = capsys.readouterr().err
     assert "no study 'nope'" in error and "tpe-median" in error and "make tune STUDY=nope" in error
+
+
+def search_study(storage, name, *, sampler, seed, file="studies/mlp.toml", kind="search", trials=()):
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for key, value in ((attrs.STUDY_MODEL_FAMILY, "mlp"), (attrs.STUDY_SAMPLER, sampler),
+                       (attrs.STUDY_PRUNER, "successive_halving"), (attrs.STUDY_FILE, file),
+                       (attrs.STUDY_SEED, seed), (attrs.STUDY_KIND, kind), (attrs.STUDY_RUNGS, [1])):
+        study.set_user_attr(key, value)
+    for t in trials:
+        study.add_trial(t)
+    return study
+
+
+def default(t):
+    t.user_attrs[attrs.DEFAULT_CONFIGURATION] = True
+    return t
+
+
+@pytest.fixture
+def seeds_and_baseline(tmp_path):
+    """Two seeds of a TPE search and of a random one, and the default trained alone, each starting with
+    the default (0.80 after 60 s). Random's median best is 0.86, so the reference level is 0.858."""
+    url = f"sqlite:///{tmp_path / 'seeds.db'}"
+    storage = open_storage(url)
+    done = TrialState.COMPLETE
+    search_study(storage, "mlp", sampler="tpe", seed=0, trials=[
+        default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 90, value=0.86, epochs=5),
+        trial(done, 90, 120, value=0.87, epochs=5)])
+    search_study(storage, "mlp-seed1", sampler="tpe", seed=1, trials=[
+        default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 200, value=0.859, epochs=5)])
+    search_study(storage, "mlp-random", sampler="random", seed=0, file="studies/mlp-random.toml", trials=[
+        default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 300, value=0.85, epochs=5)])
+    search_study(storage, "mlp-random-seed1", sampler="random", seed=1, file="studies/mlp-random.toml", trials=[
+        default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 400, value=0.87, epochs=5)])
+    search_study(storage, "mlp-baseline", sampler="random", seed=0, kind="baseline", trials=[
+        default(trial(done, 0, 150, value=0.84, epochs=12))])
+    return url
+
+
+def test_compare_groups_seeds_times_each_search_to_random_searchs_best_and_shows_the_baseline(
+        seeds_and_baseline, tmp_path, capsys):
+    main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--json", "--reports-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["reference_levels"] == {"mlp": pytest.approx(0.858)}
+    studies = {r["study"]: r for r in printed["studies"]}
+    assert studies["mlp"]["seconds_to_reference"] == 90 and studies["mlp-seed1"]["seconds_to_reference"] == 200
+    assert studies["mlp-random"]["seconds_to_reference"] is None  # 0.85 never got within 0.2 of 0.86
+    assert studies["mlp"]["default_val_accuracy"] == 0.80 and studies["mlp"]["seed"] == 0
+    groups = {g["group"]: g for g in printed["groups"]}
+    assert set(groups) == {"mlp", "mlp-random", "mlp-baseline"}
+    tpe, random = groups["mlp"], groups["mlp-random"]
+    assert tpe["studies"] == ["mlp", "mlp-seed1"] and tpe["best_median"] == pytest.approx(0.8645)
+    assert (tpe["best_low"], tpe["best_high"]) == (0.859, 0.87) and (tpe["beat_default"], tpe["with_default"]) == (2, 2)
+    assert tpe["seconds_to_reference_median"] == 145  # the median of 90 s and 200 s
+    assert random["seconds_to_reference_median"] is None and random["reached_reference"] == 1
+    assert groups["mlp-baseline"]["kind"] == "baseline"
+    assert "1 of 2 got there" in out and "+7.00" in out  # mlp's best against its default, in points
+
+    # Another reference: the TPE group's median best, less 0.2 points.
+    main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--json", "--reference", "mlp",
+          "--reports-dir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reference_levels"] == {
+        "mlp": pytest.approx(0.8625)}
+    assert main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--reference", "nope"]) == 1
+    assert "--reference 'nope' is not a group" in capsys.readouterr().err
+
+
+def test_the_page_reads_at_a_glance_percent_axes_zoomed_to_the_data_and_html_tables(seeds_and_baseline, tmp_path):
+    main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--reports-dir", str(tmp_path)])
+    page = (tmp_path / "compare.html").read_text()
+    # Each accuracy axis (best so far against time, against epochs; the complete trials' spread) in percent,
+    # zoomed to 84-87 %: 3 points below the best at most, so the defaults' 80 % lies below the frame.
+    ranges = [json.loads(r.split("]")[0] + "]") for r in page.split('"ticksuffix":" %","range":')[1:]]
+    assert ranges == [[pytest.approx(83.85), pytest.approx(87.15)]] * 3
+    assert page.count("<table>") == 2 and "<pre>" not in page
+    assert "<td>mlp-random</td>" in page
+    assert "<td>86.45% (85.90% - 87.00%)</td>" in page and "<td>2 of 2</td>" in page
+    assert "the default, trained alone" in page  # the baseline's star
+
+
+def test_rank_correlations_at_epochs_asked_for_show_where_rungs_would_predict_the_end(tmp_path, capsys):
+    # An unpruned study: at epoch 1 the trials rank 1, 2, 3, 4 and end 2, 1, 3, 4 (rho 0.8); at epoch 2
+    # they rank as they end (rho 1).
+    url = f"sqlite:///{tmp_path / 'unpruned.db'}"
+    study = optuna.create_study(study_name="unpruned", storage=open_storage(url), direction="maximize")
+    for first, second, final in ((0.1, 0.5, 0.6), (0.2, 0.4, 0.5), (0.3, 0.7, 0.8), (0.4, 0.8, 0.9)):
+        t = trial(TrialState.COMPLETE, 0, 10, value=final, epochs=3)
+        t.intermediate_values = {1: first, 2: second, 3: final}
+        study.add_trial(t)
+    main(["compare", "--storage", url, "--no-tracking", "--json", "--rungs", "2,1", "--reports-dir", str(tmp_path)])
+    (record,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["studies"]
+    first, second = record["pruning"]["rungs"]
+    assert (first["epoch"], first["rank_correlation"], first["next_rank_correlation"]) == (1, pytest.approx(0.8),
+                                                                                          pytest.approx(0.8))
+    assert (second["epoch"], second["rank_correlation"]) == (2, pytest.approx(1.0))
+    with pytest.raises(SystemExit) as refused:  # argparse's own error: epochs count from 1
+        main(["compare", "--storage", url, "--rungs", "0,3"])
+    assert refused.value.code == 2 and "epochs count from 1" in capsys.readouterr().err

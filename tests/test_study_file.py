@@ -1,3 +1,4 @@
+import dataclasses
 import tomllib
 
 import pytest
@@ -8,7 +9,7 @@ from pipeline.recipes import load_recipe
 from pipeline.search.study_file import StudyFileError, load_study
 from pipeline.train import batch_scaled_lr
 
-SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random"]
+SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random", "mlp-unpruned"]
 
 
 def lowest_params(spec):
@@ -66,6 +67,36 @@ def test_mlp_random_is_mlp_with_random_sampling_and_the_same_pruning():
     assert random.sampler["name"] == "random" and random.pruner == mlp.pruner
     # It searches for as long as mlp does before its final phase.
     assert random.timeout == mlp.timeout - mlp.final.seconds and random.final is None
+
+
+def test_mlp_unpruned_runs_every_trial_of_the_mlp_space_to_the_end():
+    mlp, unpruned = load_study("mlp"), load_study("mlp-unpruned")
+    assert unpruned.space == mlp.space and unpruned.fixed == mlp.fixed and unpruned.enqueue == mlp.enqueue
+    assert unpruned.pruner == {"name": "none"} and unpruned.sampler["name"] == "random"
+
+
+def test_another_sampler_seed_is_its_own_study_and_the_files_seed_is_the_study():
+    mlp = load_study("mlp")
+    assert mlp.with_seed(None) is mlp and mlp.with_seed(mlp.sampler["seed"]) is mlp
+    seeded = mlp.with_seed(7)
+    assert seeded.name == "mlp-seed7" and seeded.sampler == {**mlp.sampler, "seed": 7}
+    # Only the sampler changes: every seed starts from the same default, trained alike.
+    assert (seeded.fixed, seeded.space, seeded.enqueue) == (mlp.fixed, mlp.space, mlp.enqueue)
+
+
+@pytest.mark.parametrize("pruner, epochs, rungs", [
+    ({"name": "successive_halving", "min_resource": 3, "reduction_factor": 3}, 20, [3, 9]),
+    ({"name": "successive_halving", "min_resource": 3, "reduction_factor": 3}, 27, [3, 9]),  # 27: the last epoch
+    ({"name": "successive_halving", "min_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 1}, 9,
+     [2, 4, 8]),
+    ({"name": "successive_halving"}, 20, []),  # min_resource "auto": Optuna works it out from the trials
+    ({"name": "hyperband", "min_resource": 1, "reduction_factor": 3}, 20, [1, 3, 9]),
+    ({"name": "median", "n_warmup_steps": 3}, 20, [3]),
+    ({"name": "none"}, 20, []),
+])
+def test_the_pruning_rungs_follow_the_pruners_settings(pruner, epochs, rungs):
+    spec = load_study("mlp")
+    assert dataclasses.replace(spec, pruner=pruner, fixed={**spec.fixed, "epochs": epochs}).pruning_rungs() == rungs
 
 
 VALID = """

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline.data import Splits, normalize
-from pipeline.train import NonFiniteLossError, train
+from pipeline.models import build_model
+from pipeline.train import NonFiniteLossError, make_optimizer, make_scheduler, train
 
 
 def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
@@ -102,14 +103,47 @@ def test_patience_stops_a_run_that_no_longer_improves(synthetic_splits, tiny_con
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "plateau", "none"])
+@pytest.mark.parametrize("schedule", ["onecycle", "wsd", "cosine", "plateau", "none"])
 def test_every_optimizer_and_schedule_trains(synthetic_splits, tiny_config, optimizer, schedule):
     lr = 0.05 if optimizer == "sgd" else 3e-3
     config = tiny_config.replace(optimizer=optimizer, schedule=schedule, lr=lr, epochs=2)
     result = train(config, synthetic_splits, device="cpu")
     assert result.best_val_accuracy > 0.5
-    if schedule in ("onecycle", "cosine"):
+    if schedule in ("onecycle", "wsd", "cosine"):
         assert result.history[-1].lr < lr / 10  # annealed by the end
+
+
+def test_wsd_runs_every_length_at_the_same_rate_until_its_decay(synthetic_splits, tiny_config):
+    # A 20-epoch trial and a 40-epoch final run: one epoch's warm-up, then the full rate in both until the
+    # shorter one's last quarter, so a pruning rung before it sees every trial at the same rate.
+    def rates(epochs):
+        return [m.lr for m in train(tiny_config.replace(schedule="wsd", epochs=epochs), synthetic_splits,
+                                    device="cpu").history]
+
+    short, long = rates(8), rates(16)
+    assert short[:6] == long[:6] == [pytest.approx(tiny_config.lr)] * 6  # epochs 1-6: warm-up done after epoch 1
+    assert short[6] == pytest.approx(tiny_config.lr / 2) and short[7] == 0  # the last quarter: down to zero
+    assert long[11] == pytest.approx(tiny_config.lr) and long[12] < tiny_config.lr and long[15] == 0
+
+
+@pytest.mark.parametrize("optimizer, batch_size, factor", [("adamw", 256, 2 ** 0.5), ("adam", 32, 0.5),
+                                                           ("sgd", 256, 2.0), ("sgd", 64, 0.5)])
+def test_lr_given_per_reference_batch_scales_with_the_batch_size(tiny_config, optimizer, batch_size, factor):
+    # Square root for Adam-type optimizers, linear for SGD; lr_reference_batch = 0 leaves lr alone.
+    config = tiny_config.replace(optimizer=optimizer, batch_size=batch_size, lr=0.01, lr_reference_batch=128)
+    model = build_model(config)
+    assert make_optimizer(config, model).param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+    plain = config.replace(lr_reference_batch=0)
+    assert make_optimizer(plain, model).param_groups[0]["lr"] == 0.01
+    # OneCycle peaks at the scaled rate too.
+    stepped = make_optimizer(config, model)
+    scheduler = make_scheduler(config.replace(schedule="onecycle"), stepped, steps_per_epoch=10)
+    rates = []
+    for _ in range(config.epochs * 10):
+        stepped.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert max(rates) == pytest.approx(0.01 * factor, rel=1e-2)
 
 
 def test_the_cnn_trains_through_the_same_trainer(synthetic_splits, tiny_config):

@@ -105,21 +105,29 @@ def searched_trials(trials) -> list:
 
 
 def rung_report(trials, rungs: list[int]) -> dict:
-    """How far pruning could be trusted: at each rung (an epoch where the pruner compares trials), the
+    """How far pruning could be trusted. At each rung (an epoch where the pruner compares trials): the
     rank correlation between the values there and the final values of the trials that ran to the end
-    (a value near 1: the rung ranked them as the end did); and how many searched trials reached the
-    last rung. Selection narrows the trials that reach the end, which lowers the correlation: a
-    conservative figure."""
+    (the issue's measure: only the best reach the end, which narrows their spread and lowers it), and
+    between the values there and at the next rung, over every trial that reached the next rung (a
+    wider sample of the same question); and how many searched trials reached the last rung."""
     searched = searched_trials(trials)
     ended = [t for t in searched if t.state == TrialState.COMPLETE]
     report = {"rungs": [], "searched": len(searched), "reached_last_rung": None}
-    for rung in rungs:
+    for rung, next_rung in zip(rungs, [*rungs[1:], None]):
         pairs = [(t.intermediate_values[rung], t.value) for t in ended if rung in t.intermediate_values]
-        correlation = rank_correlation(*zip(*pairs)) if pairs else None
-        report["rungs"].append({"epoch": rung, "trials": len(pairs), "rank_correlation": correlation})
+        entry = {"epoch": rung, "trials": len(pairs), "rank_correlation": _correlation(pairs)}
+        if next_rung is not None:
+            onward = [(t.intermediate_values[rung], t.intermediate_values[next_rung]) for t in searched
+                      if rung in t.intermediate_values and next_rung in t.intermediate_values]
+            entry.update(next_epoch=next_rung, next_trials=len(onward), next_rank_correlation=_correlation(onward))
+        report["rungs"].append(entry)
     if rungs:
         report["reached_last_rung"] = sum(t.last_step is not None and t.last_step >= rungs[-1] for t in searched)
     return report
+
+
+def _correlation(pairs: list[tuple[float, float]]) -> float | None:
+    return rank_correlation(*zip(*pairs)) if pairs else None
 
 
 def default_trial(trials):
@@ -176,14 +184,21 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
 def _pruning_lines(pruning: dict | None) -> list[str]:
     if not pruning or not pruning["searched"]:
         return []
-    rungs = pruning["rungs"]
-    correlations = ", ".join(f"{r['rank_correlation']:.2f} at epoch {r['epoch']} ({r['trials']} trials)"
-                             if r["rank_correlation"] is not None else f"- at epoch {r['epoch']} ({r['trials']} trials)"
-                             for r in rungs)
-    reached = pruning["reached_last_rung"]
-    return [f"Pruning rungs: rank correlation with the final value, over the trials that ran to the end: "
-            f"{correlations}; {reached} of {pruning['searched']} searched trials ({reached / pruning['searched']:.0%}) "
-            f"reached the last rung (epoch {rungs[-1]['epoch']})"]
+    rungs, reached = pruning["rungs"], pruning["reached_last_rung"]
+    to_end = ", ".join(f"{_rho(r['rank_correlation'])} at epoch {r['epoch']} ({r['trials']} trials)" for r in rungs)
+    lines = [f"Pruning rungs: rank correlation with the final value, over the trials that ran to the end: {to_end}"]
+    onward = [r for r in rungs if "next_epoch" in r]
+    if onward:
+        lines.append("  and with the next rung, over every trial that reached it: " + ", ".join(
+            f"{_rho(r['next_rank_correlation'])} from epoch {r['epoch']} to {r['next_epoch']} ({r['next_trials']} "
+            f"trials)" for r in onward))
+    lines.append(f"  {reached} of {pruning['searched']} searched trials ({reached / pruning['searched']:.0%}) "
+                 f"reached the last rung (epoch {rungs[-1]['epoch']})")
+    return lines
+
+
+def _rho(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def format_summary(summary: dict) -> str:
