@@ -39,7 +39,7 @@ data: $(INSTALLED) ## make Fashion-MNIST available and verify it
 train: data ## train once, report train/validation/test accuracy: the notebook's MLP, or RECIPE=fast-cnn (ARGS="--set lr=0.003")
 	$(PY) -m pipeline train $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
-tune: data ## run or resume a study: STUDY=mlp|mlp-random|cnn|cnn-gpu SEED=n TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
+tune: data ## run or resume a study: STUDY=mlp|mlp-random|mlp-unpruned|cnn|cnn-gpu SEED=n TRIALS=n TIMEOUT=s WORKERS=k STORAGE=url
 	@$(PY) -m pipeline tune $(if $(STUDY),--study $(STUDY)) $(if $(SEED),--seed $(SEED)) \
 		$(if $(WORKERS),--workers $(WORKERS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(ARGS)
 

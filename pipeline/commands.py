@@ -188,11 +188,11 @@ def run_baseline(args: argparse.Namespace) -> int:
     quiet_optuna()
     spec = load_study(args.study).with_settings(parse_overrides(args.overrides)).with_seed(args.seed)
     storage = storage_url(args.storage)
-    opened = open_storage(storage, must_exist=args.seconds is None)
+    opened = open_storage(storage, must_exist=True)  # the study's pace is read there, whatever the time
     plan = plan_baseline(spec, opened, seconds=args.seconds, max_epochs=args.max_epochs)
     if args.tracking:
         check_tracking_store()
-    baseline = baseline_spec(spec, plan.epochs)
+    baseline = baseline_spec(spec, plan)
     print(describe_plan(spec, plan), flush=True)
     study = prepare_study(baseline, opened)
     queue_baseline(baseline, study)
@@ -234,6 +234,8 @@ def run_compare(args: argparse.Namespace) -> int:
         format_table,
         group_records,
         log_comparison,
+        pick_references,
+        time_to_reference,
         write_page,
     )
     from pipeline.paths import REPORTS_DIR
@@ -243,17 +245,19 @@ def run_compare(args: argparse.Namespace) -> int:
     quiet_optuna()
     reports = reports_folder(args.reports_dir or REPORTS_DIR)
     records = compare(open_storage(storage_url(args.storage), must_exist=True), args.studies, args.rungs)
-    groups, levels = group_records(records, args.reference)
-    print(format_table(records))
-    print("\n" + format_groups(groups))
-    page = write_page(records, groups, levels, reports)
+    references = pick_references(records, args.reference)
+    time_to_reference(records, references)
+    groups = group_records(records)
+    print(format_table(records, references))
+    print("\n" + format_groups(groups, references))
+    page = write_page(records, groups, references, reports)
     print(f"\nfigures and tables: {page}")
     if args.tracking:
         configure_mlflow()
         print(f"MLflow run: {log_comparison(records, groups, page)} (experiment `compare`)")
     if args.json:
         print(json.dumps({"studies": [as_dict(r) for r in records], "groups": [asdict(g) for g in groups],
-                          "reference_levels": levels}))
+                          "references": {family: asdict(r) for family, r in references.items()}}))
     return 0
 
 

@@ -9,11 +9,16 @@ import html
 
 from pipeline.compare import (
     GroupRecord,
+    Reference,
     StudyRecord,
-    clock,
+    describe_references,
+    group_to_reference,
     percent,
     points_over_default,
+    study_to_reference,
 )
+from pipeline.progress import clock
+from pipeline.search.summary import format_correlation
 
 ZOOM_POINTS = 3.0  # the accuracy axes show at most this many points below the best value plotted
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -27,7 +32,7 @@ p.note { font-size: 0.85em; color: #444; max-width: 70em; }
 </style>"""
 
 
-def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], levels: dict[str, float]) -> str:
+def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference]) -> str:
     import plotly.graph_objects as go
 
     from pipeline.figures import self_contained_html
@@ -49,12 +54,12 @@ def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], level
                                             line={"color": colour[r.group], "dash": dash}))
         spread.add_trace(go.Box(y=[v * 100 for v in r.values], name=r.study, boxpoints="all", jitter=0.4,
                                 marker_color=colour[r.group]))
-    for family, level in levels.items():
+    for family, reference in references.items():
         for figure in (against_time, against_epochs):
-            figure.add_hline(y=level * 100, line={"color": "grey", "width": 1},
-                             annotation_text=f"{family} reference: random search's median best - 0.2",
+            figure.add_hline(y=reference.level * 100, line={"color": "grey", "width": 1},
+                             annotation_text=f"{family} reference: {reference.group}'s median best - 0.2",
                              annotation_position="bottom left")
-    low, high = zoomed_range([b for r in records for _, _, b in r.curve] + list(levels.values()))
+    low, high = zoomed_range([b for r in records for _, _, b in r.curve] + [r.level for r in references.values()])
     percent_axis = {"ticksuffix": " %", "range": [low, high]}
     against_time.update_layout(title="Best validation accuracy so far, against busy wall time",
                                xaxis_title="minutes", yaxis={**percent_axis, "title": "validation accuracy"})
@@ -66,8 +71,10 @@ def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], level
                                 "title": "validation accuracy"}, showlegend=False)
     page = self_contained_html({"time": against_time, "epochs": against_epochs, "spread": spread},
                                "Studies compared")
-    tables = (f"<h2>Searches over their seeds, and baselines</h2>{groups_table(groups)}"
-              f"<h2>Every study</h2>{studies_table(records)}{NOTES}")
+    tables = (f"<h2>Searches over their seeds, and baselines</h2>{groups_table(groups, references)}"
+              f"<h2>Every study</h2>{studies_table(records, references)}"
+              f"<p class='note'>The reference: {html.escape(describe_references(references))}, less 0.2 points. "
+              f"{NOTES}</p>")
     return page.replace("<head>", "<head>" + STYLE, 1).replace("</h1>", "</h1>" + tables, 1)
 
 
@@ -91,24 +98,24 @@ def zoomed_range(accuracies: list[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def groups_table(groups: list[GroupRecord]) -> str:
+def groups_table(groups: list[GroupRecord], references: dict[str, Reference]) -> str:
     rows = [["group", "model", "sampler", "pruner", "studies", "best validation: median (low - high)",
-             "best beat the default", "to the reference, median",
+             "best searched trial beat the default", "to the reference, median",
              "rank correlation at the first rung, median: with the final value / with the next rung",
              "searched trials reaching the last rung"]]
     for g in groups:
-        to_reference = (clock(g.seconds_to_reference_median) if g.seconds_to_reference_median is not None
-                        else f"{g.reached_reference} of {len(g.studies)} got there")
         rows.append([g.group, g.model_family, g.sampler, g.pruner, ", ".join(g.studies),
                      f"{percent(g.best_median)} ({percent(g.best_low)} - {percent(g.best_high)})",
-                     f"{g.beat_default} of {g.with_default}" if g.kind == "search" else "-", to_reference,
-                     f"{_rho(g.first_rung_correlation_median)} / {_rho(g.first_rung_next_correlation_median)}",
+                     f"{g.beat_default} of {g.with_default}" if g.kind == "search" else "-",
+                     group_to_reference(g, references),
+                     f"{format_correlation(g.first_rung_correlation_median)} / "
+                     f"{format_correlation(g.first_rung_next_correlation_median)}",
                      f"{g.reached_last_rung_share:.0%}" if g.reached_last_rung_share is not None else "-"])
     return _table(rows)
 
 
-def studies_table(records: list[StudyRecord]) -> str:
-    rows = [["study", "seed", "best validation", "best - default (points)", "complete / pruned / failed",
+def studies_table(records: list[StudyRecord], references: dict[str, Reference]) -> str:
+    rows = [["study", "seed", "best validation", "best searched - default (points)", "complete / pruned / failed",
              "epochs run (unpruned)", "busy wall time", "to its best - 0.2", "to the reference",
              "rank correlation at the rungs"]]
     for r in records:
@@ -118,20 +125,16 @@ def studies_table(records: list[StudyRecord]) -> str:
         rows.append([r.study, "-" if r.seed is None else str(r.seed), percent(r.best_val_accuracy),
                      points_over_default(r), f"{r.complete} / {r.pruned} / {r.failed}",
                      f"{r.epochs_run} ({r.epochs_unpruned})", clock(r.wall_seconds), near,
-                     clock(r.seconds_to_reference) if r.seconds_to_reference is not None else "-",
+                     study_to_reference(r, references),
                      rungs or "-"])
     return _table(rows)
 
 
 def _rung_cell(rung: dict) -> str:
-    cell = f"epoch {rung['epoch']}: {_rho(rung['rank_correlation'])} ({rung['trials']})"
+    cell = f"epoch {rung['epoch']}: {format_correlation(rung['rank_correlation'])} ({rung['trials']})"
     if "next_epoch" in rung:
-        cell += f", to {rung['next_epoch']}: {_rho(rung['next_rank_correlation'])} ({rung['next_trials']})"
+        cell += f", to {rung['next_epoch']}: {format_correlation(rung['next_rank_correlation'])} ({rung['next_trials']})"
     return cell
-
-
-def _rho(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -140,12 +143,13 @@ def _table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-NOTES = """<p class="note">Busy wall time: the time some trial of the study was running (gaps between
-sessions left out). The reference: a model family's random-search group, its median best validation
-accuracy less 0.2 points (<code>--reference GROUP</code> picks another); "to the reference" is the busy
-time until a study's best so far reached it. Rank correlation (Spearman) between a pruning rung's values
+NOTES = """Busy wall time: the time some trial of the study was running (gaps between sessions left
+out). By default a model family's reference is its random search with pruning (<code>--reference
+GROUP</code> picks another); "to the reference" is the busy time until a study's best so far reached it.
+"best searched - default": the best trial of the search itself (a final phase's run left out) against
+the default configuration's trial. Rank correlation (Spearman) between a pruning rung's values
 and the final values of the trials that ran to the end, and ("to") the next rung's values over every trial
 that reached it, with the number of trials in brackets: near 1, the rung ranked them as the later point
 did. Only the best trials run to the end, so the first figure is computed on a narrow spread: it
 understates. A baseline (<code>make baseline</code>) is the study's default
-configuration trained once for the study's time; it is never promoted.</p>"""
+configuration trained once for the study's time (its latest run); it is never promoted."""

@@ -44,7 +44,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     optimizer: OptimizerName = "adamw"
-    lr: float = 2e-3  # peak learning rate (OneCycle's max_lr)
+    lr: float = 2e-3  # peak learning rate (OneCycle's max_lr), for lr_reference_batch's batch size when set
     # The batch size `lr` is given for (0: `lr` as it is). With 128, a batch of 256 trains at sqrt(2) * lr
     # (Adam, AdamW) or 2 * lr (SGD): a study then samples lr and batch_size independently of each other.
     lr_reference_batch: int = 0

@@ -292,7 +292,7 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=batch_scaled_lr(config),
                                                    total_steps=total_steps)
     if config.schedule == "wsd":
-        # One epoch's warm-up (a quarter of the run at most); functools.partial keeps the state dict picklable.
+        # One epoch's warm-up (a quarter of the run at most).
         factor = functools.partial(wsd_factor, total_steps=total_steps,
                                    warmup_steps=min(steps_per_epoch, max(1, total_steps // 4)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -110,10 +110,11 @@ def test_a_study_not_in_the_storage_is_one_clear_line(storage_url, capsys):
     assert "no study 'nope'" in error and "tpe-median" in error and "make tune STUDY=nope" in error
 
 
-def search_study(storage, name, *, sampler, seed, file="studies/mlp.toml", kind="search", trials=()):
+def search_study(storage, name, *, sampler, seed, file="studies/mlp.toml", kind="search", trials=(),
+                 pruner="successive_halving", family="mlp"):
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    for key, value in ((attrs.STUDY_MODEL_FAMILY, "mlp"), (attrs.STUDY_SAMPLER, sampler),
-                       (attrs.STUDY_PRUNER, "successive_halving"), (attrs.STUDY_FILE, file),
+    for key, value in ((attrs.STUDY_MODEL_FAMILY, family), (attrs.STUDY_SAMPLER, sampler),
+                       (attrs.STUDY_PRUNER, pruner), (attrs.STUDY_FILE, file),
                        (attrs.STUDY_SEED, seed), (attrs.STUDY_KIND, kind), (attrs.STUDY_RUNGS, [1])):
         study.set_user_attr(key, value)
     for t in trials:
@@ -129,7 +130,9 @@ def default(t):
 @pytest.fixture
 def seeds_and_baseline(tmp_path):
     """Two seeds of a TPE search and of a random one, and the default trained alone, each starting with
-    the default (0.80 after 60 s). Random's median best is 0.86, so the reference level is 0.858."""
+    the default (0.80 after 60 s). Random's median best is 0.86, so the reference level is 0.858. Beside
+    them, an unpruned random search (not the reference: it has no rungs, unlike the searches measured)
+    and a cnn study (no random search of its family: no reference)."""
     url = f"sqlite:///{tmp_path / 'seeds.db'}"
     storage = open_storage(url)
     done = TrialState.COMPLETE
@@ -142,42 +145,55 @@ def seeds_and_baseline(tmp_path):
         default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 300, value=0.85, epochs=5)])
     search_study(storage, "mlp-random-seed1", sampler="random", seed=1, file="studies/mlp-random.toml", trials=[
         default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 400, value=0.87, epochs=5)])
+    # Run twice: after more sessions, the second run (200 s) is the baseline.
     search_study(storage, "mlp-baseline", sampler="random", seed=0, kind="baseline", trials=[
-        default(trial(done, 0, 150, value=0.84, epochs=12))])
+        default(trial(done, 0, 100, value=0.83, epochs=8)), default(trial(done, 500, 700, value=0.84, epochs=12))])
+    search_study(storage, "mlp-full", sampler="random", seed=0, pruner="none", file="studies/mlp-full.toml",
+                 trials=[default(trial(done, 0, 60, value=0.80, epochs=5)), trial(done, 60, 300, value=0.90, epochs=5)])
+    search_study(storage, "cnn", sampler="tpe", seed=0, family="cnn", file="studies/cnn.toml",
+                 trials=[default(trial(done, 0, 60, value=0.90, epochs=5))])
     return url
 
 
 def test_compare_groups_seeds_times_each_search_to_random_searchs_best_and_shows_the_baseline(
         seeds_and_baseline, tmp_path, capsys):
-    main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--json", "--reports-dir", str(tmp_path)])
+    main(["compare", "mlp", "mlp-seed1", "mlp-full", "mlp-random", "mlp-random-seed1", "mlp-baseline", "cnn",
+          "--storage", seeds_and_baseline, "--no-tracking", "--json", "--reports-dir", str(tmp_path)])
     out = capsys.readouterr().out
     printed = json.loads(out.strip().splitlines()[-1])
-    assert printed["reference_levels"] == {"mlp": pytest.approx(0.858)}
+    assert printed["references"] == {"mlp": {"group": "mlp-random", "level": pytest.approx(0.858)}}
     studies = {r["study"]: r for r in printed["studies"]}
     assert studies["mlp"]["seconds_to_reference"] == 90 and studies["mlp-seed1"]["seconds_to_reference"] == 200
     assert studies["mlp-random"]["seconds_to_reference"] is None  # 0.85 never got within 0.2 of 0.86
-    assert studies["mlp"]["default_val_accuracy"] == 0.80 and studies["mlp"]["seed"] == 0
+    assert studies["mlp"]["against_default"]["default_val_accuracy"] == 0.80 and studies["mlp"]["seed"] == 0
     groups = {g["group"]: g for g in printed["groups"]}
-    assert set(groups) == {"mlp", "mlp-random", "mlp-baseline"}
+    assert set(groups) == {"mlp", "mlp-random", "mlp-baseline", "mlp-full", "cnn"}
     tpe, random = groups["mlp"], groups["mlp-random"]
     assert tpe["studies"] == ["mlp", "mlp-seed1"] and tpe["best_median"] == pytest.approx(0.8645)
     assert (tpe["best_low"], tpe["best_high"]) == (0.859, 0.87) and (tpe["beat_default"], tpe["with_default"]) == (2, 2)
     assert tpe["seconds_to_reference_median"] == 145  # the median of 90 s and 200 s
     assert random["seconds_to_reference_median"] is None and random["reached_reference"] == 1
     assert groups["mlp-baseline"]["kind"] == "baseline"
+    baseline = studies["mlp-baseline"]  # its latest run alone: its own 200 s, its own accuracy
+    assert baseline["best_val_accuracy"] == 0.84 and baseline["wall_seconds"] == 200
+    assert baseline["against_default"] is None
     assert "1 of 2 got there" in out and "+7.00" in out  # mlp's best against its default, in points
+    cnn_row = next(line for line in out.splitlines() if line.startswith("cnn "))
+    assert "got there" not in cnn_row and cnn_row.rstrip().endswith("-")  # no reference for the cnn family
 
     # Another reference: the TPE group's median best, less 0.2 points.
     main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--json", "--reference", "mlp",
           "--reports-dir", str(tmp_path)])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reference_levels"] == {
-        "mlp": pytest.approx(0.8625)}
-    assert main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--reference", "nope"]) == 1
-    assert "--reference 'nope' is not a group" in capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["references"] == {
+        "mlp": {"group": "mlp", "level": pytest.approx(0.8625)}}
+    with pytest.raises(SystemExit) as refused:  # a bad command-line value: exit 2
+        main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--reference", "nope"])
+    assert refused.value.code == 2 and "--reference 'nope' is not a group" in capsys.readouterr().err
 
 
 def test_the_page_reads_at_a_glance_percent_axes_zoomed_to_the_data_and_html_tables(seeds_and_baseline, tmp_path):
-    main(["compare", "--storage", seeds_and_baseline, "--no-tracking", "--reports-dir", str(tmp_path)])
+    main(["compare", "mlp", "mlp-seed1", "mlp-random", "mlp-random-seed1", "mlp-baseline", "--storage",
+          seeds_and_baseline, "--no-tracking", "--reports-dir", str(tmp_path)])
     page = (tmp_path / "compare.html").read_text()
     # Each accuracy axis (best so far against time, against epochs; the complete trials' spread) in percent,
     # zoomed to 84-87 %: 3 points below the best at most, so the defaults' 80 % lies below the frame.

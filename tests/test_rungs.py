@@ -1,12 +1,14 @@
 """How far pruning could be trusted: rank correlations at the rungs, trials reaching the last rung, and
 the best trial against the default configuration, worked out by hand on trials written by hand."""
 
+import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.search import attrs
-from pipeline.search.summary import default_trial, format_summary, rank_correlation, rung_report
+from pipeline.search.study import requeue_interrupted
+from pipeline.search.summary import against_default, default_trial, format_summary, rank_correlation, rung_report
 
 
 def trial(number, state, curve, *, value=None, **user_attrs):
@@ -59,14 +61,16 @@ def test_the_summary_says_how_far_pruning_could_be_trusted_and_what_the_search_g
                                       "next_trials": 5, "next_rank_correlation": 0.7},
                                      {"epoch": 9, "trials": 2, "rank_correlation": None}],
                            "searched": 6, "reached_last_rung": 2},
-               "default_trial": {"number": 0, "val_accuracy": 0.9125}}
+               "against_default": {"default_number": 0, "default_val_accuracy": 0.9125,
+                                   "best_searched_number": 4, "best_searched_val_accuracy": 0.9140}}
     text = format_summary(summary)
     assert ("rank correlation with the final value, over the trials that ran to the end: 0.50 at epoch 3 "
             "(3 trials), - at epoch 9 (2 trials)\n  and with the next rung, over every trial that reached it: 0.70 "
             "from epoch 3 to 9 (5 trials)\n  2 of 6 searched trials (33%) reached the last rung (epoch 9)") in text
-    assert "Against the default configuration (trial 0, 91.25%): +0.15 points" in text
-    summary["best_trial"]["number"] = 0
-    assert "still the best: the search has not beaten it" in format_summary(summary)
+    assert ("Best searched trial against the default configuration (trial 0, 91.25%): +0.15 points (final phase "
+            "left out)") in text
+    summary["against_default"]["best_searched_number"] = 0
+    assert "still the best searched trial: the search has not beaten it" in format_summary(summary)
 
 
 def test_the_default_trial_is_the_one_marked_so_and_only_once_it_completed():
@@ -75,3 +79,27 @@ def test_the_default_trial_is_the_one_marked_so_and_only_once_it_completed():
               trial(2, TrialState.COMPLETE, [0.7], value=0.7, **marked)]
     assert default_trial(trials).number == 2
     assert default_trial(trials[:2]) is None
+
+
+def test_the_default_retrained_longer_by_the_final_phase_is_not_the_search_beating_it():
+    marked = {attrs.DEFAULT_CONFIGURATION: True}
+    trials = [trial(0, TrialState.COMPLETE, [0.90], value=0.90, **marked),
+              trial(1, TrialState.COMPLETE, [0.89], value=0.89),
+              trial(2, TrialState.COMPLETE, [0.95], value=0.95, **{attrs.FINAL_OF: 0})]
+    assert against_default(trials) == {"default_number": 0, "default_val_accuracy": 0.90,
+                                       "best_searched_number": 0, "best_searched_val_accuracy": 0.90}
+    trials.append(trial(3, TrialState.COMPLETE, [0.91], value=0.91))
+    assert against_default(trials)["best_searched_number"] == 3
+
+
+def test_a_retried_default_is_still_the_default():
+    # A Ctrl-C ends the default's trial; its retry carries the mark, so the summary still has a default.
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"lr": 0.001}, user_attrs={attrs.DEFAULT_CONFIGURATION: True})
+    interrupted = study.ask()
+    interrupted.suggest_float("lr", 1e-4, 1e-2, log=True)
+    interrupted.set_user_attr(attrs.INTERRUPTED, True)
+    study.tell(interrupted, state=TrialState.FAIL)
+    requeue_interrupted(study)
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.user_attrs == {attrs.RETRY_OF: 0, attrs.DEFAULT_CONFIGURATION: True}

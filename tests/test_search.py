@@ -67,8 +67,9 @@ def test_running_a_finished_study_again_adds_nothing(tmp_path, synthetic_env):
 
 
 def test_pruning_savings_count_each_trial_at_its_own_length(tmp_path, synthetic_env):
-    run_session(session(tmp_path, "mlp-random", trials=2, epochs=2))  # mlp-random never prunes
-    summary = run_session(session(tmp_path, "mlp-random", trials=3, epochs=3))  # resumed with longer trials
+    # mlp-unpruned never prunes (mlp-random's first rung, epoch 3, would be past these trials' ends anyway).
+    run_session(session(tmp_path, "mlp-unpruned", trials=2, epochs=2))
+    summary = run_session(session(tmp_path, "mlp-unpruned", trials=3, epochs=3))  # resumed with longer trials
     assert summary["epochs_unpruned"] == summary["epochs_run"] == 2 + 2 + 3
 
 

@@ -114,7 +114,7 @@ def test_every_optimizer_and_schedule_trains(synthetic_splits, tiny_config, opti
 
 
 def test_wsd_runs_every_length_at_the_same_rate_until_its_decay(synthetic_splits, tiny_config):
-    # A 20-epoch trial and a 40-epoch final run: one epoch's warm-up, then the full rate in both until the
+    # An 8-epoch trial and a 16-epoch final run: one epoch's warm-up, then the full rate in both until the
     # shorter one's last quarter, so a pruning rung before it sees every trial at the same rate.
     def rates(epochs):
         return [m.lr for m in train(tiny_config.replace(schedule="wsd", epochs=epochs), synthetic_splits,

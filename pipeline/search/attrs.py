@@ -38,6 +38,13 @@ STUDY_RUNGS = "pruning_rungs"  # the epochs at which the pruner compares trials 
 BASELINE_OF = "baseline_of"  # a baseline study: the study whose default and time it matches
 
 
+def retry_attrs(trial) -> dict:
+    """The user attributes of a queued retry of ``trial``: which trial it retries, and the default
+    configuration's mark, so that a retried default is still the one results are measured against."""
+    marked = {DEFAULT_CONFIGURATION: True} if trial.user_attrs.get(DEFAULT_CONFIGURATION) else {}
+    return {RETRY_OF: trial.number, **marked}
+
+
 def is_final_run(trial) -> bool:
     """Whether ``trial`` (running or frozen) is a final-phase run: a trial's configuration retrained longer."""
     return FINAL_OF in trial.user_attrs

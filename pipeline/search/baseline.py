@@ -13,27 +13,26 @@ from dataclasses import dataclass, replace
 
 import optuna
 
-from pipeline.compare import busy_seconds
 from pipeline.progress import clock
 from pipeline.search import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
+from pipeline.search.summary import busy_seconds
 
 
 @dataclass(frozen=True)
 class BaselinePlan:
+    params: dict  # the default configuration's parameters, as its trial in the study ran them
     seconds: float  # the time to match: the study's busy wall time, or --seconds
     pace: float  # seconds an epoch of the default configuration, as its trial in the study ran it
     epochs: int
     capped: bool  # the epochs that fit were more than the cap (the final phase's max_epochs or --max-epochs)
 
 
-def default_params(spec: StudySpec) -> dict:
-    """The study's default configuration as Optuna parameters: the first configuration it queues."""
+def check_has_default(spec: StudySpec) -> None:
     if not spec.enqueue:
         raise StudyFileError(f"{spec.path}: a baseline trains the study's default configuration, and this file "
                              f"has none. Fix: add a `recipe = \"<name>\"` or an [[enqueue]] table with the "
                              f"default's values")
-    return spec.enqueue[0]
 
 
 def plan_baseline(spec: StudySpec, storage, *, seconds: float | None = None,
@@ -45,31 +44,36 @@ def plan_baseline(spec: StudySpec, storage, *, seconds: float | None = None,
     except KeyError:
         raise StudyFileError(f"no study {spec.name!r} in the storage yet: the baseline matches its time and "
                              f"pace. Fix: run `make tune STUDY={spec.name}` first") from None
+    check_has_default(spec)
     trials = study.get_trials(deepcopy=False)
-    default = default_params(spec)
-    ran_default = [t for t in trials if t.params == default and not attrs.is_final_run(t)
-                   and t.user_attrs.get(attrs.EPOCH_SECONDS)]
+    # The default's trial: marked so; in a study from before the mark, the one with the file's values. Its
+    # own parameters, sampled ones included when the recipe sets only some of the searched fields.
+    ran_default = [t for t in trials if (t.user_attrs.get(attrs.DEFAULT_CONFIGURATION) or t.params == spec.enqueue[0])
+                   and not attrs.is_final_run(t) and t.user_attrs.get(attrs.EPOCH_SECONDS)]
     if not ran_default:
         raise StudyFileError(f"study {spec.name!r} has no trial of its default configuration with a recorded "
                              f"pace ({attrs.EPOCH_SECONDS}) to plan the baseline with. Fix: run `make tune "
                              f"STUDY={spec.name}` (its first trial is the default)")
-    pace = ran_default[0].user_attrs[attrs.EPOCH_SECONDS]
+    default = ran_default[0]
+    pace = default.user_attrs[attrs.EPOCH_SECONDS]
     if seconds is None:
         spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials
                  if t.datetime_start and t.datetime_complete]
         seconds = busy_seconds(spans)
     cap = max_epochs or (spec.final.max_epochs if spec.final else None)
     fit = max(1, int(seconds / pace))
-    return BaselinePlan(seconds=seconds, pace=pace, epochs=min(fit, cap) if cap else fit,
+    return BaselinePlan(params=default.params, seconds=seconds, pace=pace, epochs=min(fit, cap) if cap else fit,
                         capped=bool(cap and fit > cap))
 
 
-def baseline_spec(spec: StudySpec, epochs: int) -> StudySpec:
-    """The one-trial study that trains the default for ``epochs``: the study's fixed settings and
-    search space (so the dashboard shows the same parameters), no pruning, no final phase."""
-    return replace(spec, name=f"{spec.name}-baseline", fixed={**spec.fixed, "epochs": epochs},
-                   sampler={"name": "random", "seed": 0}, pruner={"name": "none"}, trials=1, timeout=None,
-                   enqueue=(default_params(spec),), warm_start=None, final=None, baseline_of=spec.name)
+def baseline_spec(spec: StudySpec, plan: BaselinePlan) -> StudySpec:
+    """The one-trial study that trains the default for the planned epochs: the study's fixed settings
+    and search space (so the dashboard shows the same parameters), no pruning, no final phase. The
+    sampler samples nothing (the trial is queued with every parameter); its seed is the study's, so
+    that `make compare` files the baseline of seed n beside seed n."""
+    return replace(spec, name=f"{spec.name}-baseline", fixed={**spec.fixed, "epochs": plan.epochs},
+                   sampler={"name": "random", "seed": spec.sampler.get("seed")}, pruner={"name": "none"}, trials=1,
+                   timeout=None, enqueue=(plan.params,), warm_start=None, final=None, baseline_of=spec.name)
 
 
 def describe_plan(spec: StudySpec, plan: BaselinePlan) -> str:

@@ -93,7 +93,7 @@ def requeue_interrupted(study: optuna.Study) -> None:
     for trial in trials:
         if (trial.state == TrialState.FAIL and trial.user_attrs.get(attrs.INTERRUPTED)
                 and trial.number not in requeued and not attrs.is_final_run(trial)):
-            study.enqueue_trial(trial.params, user_attrs={attrs.RETRY_OF: trial.number})
+            study.enqueue_trial(trial.params, user_attrs=attrs.retry_attrs(trial))
 
 
 def quiet_optuna() -> None:

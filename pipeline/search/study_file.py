@@ -147,12 +147,15 @@ class StudySpec:
         enqueued default trains alike, so each search is measured against the same point."""
         if seed is None or seed == self.sampler.get("seed"):
             return self
+        if not 0 <= seed < 2 ** 32 - 1:  # numpy's range, less one for a second worker's seed + 1
+            raise ConfigError(f"--seed (SEED) must be an integer from 0 to {2 ** 32 - 2}, got {seed}")
         return replace(self, name=f"{self.name}-seed{seed}", sampler={**self.sampler, "seed": seed})
 
     def pruning_rungs(self) -> list[int]:
         """The epochs at which the pruner first compares trials, from its settings: successive halving's
-        rungs (min_resource * reduction_factor ** k, below the last epoch), or the first epoch a median or
-        percentile pruner may prune at; none for no pruner, or settings that leave them to Optuna."""
+        rungs (min_resource * reduction_factor ** k, below the last epoch; Hyperband's brackets share
+        them), or the first epoch the median pruner may prune at; none for no pruner, or a min_resource
+        left to Optuna ("auto")."""
         name, settings, last = self.pruner["name"], self.pruner, self.max_epochs
         if name in ("successive_halving", "hyperband"):
             low, factor = settings.get("min_resource", 1 if name == "hyperband" else "auto"), settings.get(

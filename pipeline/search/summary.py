@@ -131,9 +131,42 @@ def _correlation(pairs: list[tuple[float, float]]) -> float | None:
 
 
 def default_trial(trials):
-    """The study's default configuration's trial (queued first and marked so in prepare_study), if it ran."""
+    """The study's default configuration's trial (marked so when prepare_study queued it; its retries
+    carry the mark), once one of them completed."""
     return next((t for t in trials if t.user_attrs.get(attrs.DEFAULT_CONFIGURATION)
                  and t.state == TrialState.COMPLETE and not attrs.is_final_run(t)), None)
+
+
+def best_searched_trial(trials):
+    """The best complete trial of the search itself. A final-phase run is left out: the default
+    retrained longer is not the search beating the default (the baseline is that comparison)."""
+    complete = [t for t in searched_trials(trials) if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: t.value, default=None)
+
+
+def against_default(trials) -> dict | None:
+    """The best searched trial against the default configuration's trial, for a search (not a baseline)."""
+    default, best = default_trial(trials), best_searched_trial(trials)
+    if default is None or best is None:
+        return None
+    return {"default_number": default.number, "default_val_accuracy": default.value,
+            "best_searched_number": best.number, "best_searched_val_accuracy": best.value}
+
+
+def busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
+    """The length of the union of the intervals, counted up to ``until``: the time some trial was
+    running. Gaps between sessions do not count, parallel workers are not counted twice."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        end = min(end, until)
+        if end > reach and start < until:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def format_correlation(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _final_value(trial) -> float | None:
@@ -146,7 +179,7 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
     """The session's numbers (``max_epochs``: what a trial recorded before `max_epochs` existed ran)."""
     trials = study.get_trials(deepcopy=False)
     rungs = study.user_attrs.get(attrs.STUDY_RUNGS, [])
-    default = default_trial(trials)
+    is_search = study.user_attrs.get(attrs.STUDY_KIND, "search") == "search"
     counts = Counter(t.state.name for t in trials)
     finished = [t for t in trials if t.state in COMPLETE_OR_PRUNED]
     epochs_run, epochs_unpruned = epoch_counts(trials, default_max_epochs=max_epochs)
@@ -160,7 +193,7 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
         "session_seconds": round(seconds, 1),
         "best_trial": None,
         "pruning": rung_report(trials, rungs) if rungs else None,
-        "default_trial": {"number": default.number, "val_accuracy": default.value} if default else None,
+        "against_default": against_default(trials) if is_search else None,
     }
     tracked = [t for t in finished if attrs.TRACKING_SECONDS in t.user_attrs]
     if tracked:
@@ -181,24 +214,34 @@ def summarize(study: optuna.Study, *, max_epochs: int, seconds: float) -> dict:
                             "val_accuracy": final.value, "of": retrained.number, "of_val_accuracy": retrained.value,
                             "of_epochs": retrained.user_attrs.get(attrs.EPOCHS_RUN)}
     return summary
+
+
 def _pruning_lines(pruning: dict | None) -> list[str]:
-    if not pruning or not pruning["searched"]:
+    if not pruning or not pruning["searched"] or not pruning["rungs"]:
         return []
     rungs, reached = pruning["rungs"], pruning["reached_last_rung"]
-    to_end = ", ".join(f"{_rho(r['rank_correlation'])} at epoch {r['epoch']} ({r['trials']} trials)" for r in rungs)
+    to_end = ", ".join(f"{format_correlation(r['rank_correlation'])} at epoch {r['epoch']} ({r['trials']} trials)" for r in rungs)
     lines = [f"Pruning rungs: rank correlation with the final value, over the trials that ran to the end: {to_end}"]
     onward = [r for r in rungs if "next_epoch" in r]
     if onward:
         lines.append("  and with the next rung, over every trial that reached it: " + ", ".join(
-            f"{_rho(r['next_rank_correlation'])} from epoch {r['epoch']} to {r['next_epoch']} ({r['next_trials']} "
+            f"{format_correlation(r['next_rank_correlation'])} from epoch {r['epoch']} to {r['next_epoch']} ({r['next_trials']} "
             f"trials)" for r in onward))
     lines.append(f"  {reached} of {pruning['searched']} searched trials ({reached / pruning['searched']:.0%}) "
                  f"reached the last rung (epoch {rungs[-1]['epoch']})")
     return lines
 
 
-def _rho(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _against_default_lines(against: dict | None) -> list[str]:
+    if not against:
+        return []
+    if against["best_searched_number"] == against["default_number"]:
+        return [f"The default configuration (trial {against['default_number']}, "
+                f"{against['default_val_accuracy']:.2%}) is still the best searched trial: the search has not "
+                f"beaten it"]
+    lead = (against["best_searched_val_accuracy"] - against["default_val_accuracy"]) * 100
+    return [f"Best searched trial against the default configuration (trial {against['default_number']}, "
+            f"{against['default_val_accuracy']:.2%}): {lead:+.2f} points (final phase left out)"]
 
 
 def format_summary(summary: dict) -> str:
@@ -229,12 +272,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Epochs on trials that ended below the median: {below} of {summary['epochs_run']} "
                      f"({below / summary['epochs_run']:.0%})")
     lines += _pruning_lines(summary.get("pruning"))
-    default = summary.get("default_trial")
-    if best and default and best["number"] != default["number"]:
-        lines.append(f"Against the default configuration (trial {default['number']}, {default['val_accuracy']:.2%}): "
-                     f"{(best['val_accuracy'] - default['val_accuracy']) * 100:+.2f} points")
-    elif best and default:
-        lines.append("The default configuration (the first trial) is still the best: the search has not beaten it")
+    lines += _against_default_lines(summary.get("against_default"))
     lines.append(f"Wall time this session: {clock(summary['session_seconds'])}")
     if "trial_tracking_seconds" in summary:
         in_trials, of = summary["trial_tracking_seconds"], summary["tracked_trial_seconds"]

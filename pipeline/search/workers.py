@@ -190,4 +190,4 @@ def _retry_lost_trial(study: optuna.Study, number: int, trial_trackers) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another worker found it stale and failed it first; Optuna re-queues it
     trial_trackers.stale_trial(study, trial, reason="the study storage was lost during this trial; it is retried")
-    study.enqueue_trial(trial.params, user_attrs={attrs.RETRY_OF: number})
+    study.enqueue_trial(trial.params, user_attrs=attrs.retry_attrs(trial))
