@@ -275,20 +275,20 @@ def first_rung_correlation(record: StudyRecord) -> str:
 
 
 def compare(storage, names: list[str] | None = None, rungs: list[int] | None = None) -> list[StudyRecord]:
-    """One record per study (every study in the storage by default), in the order asked; ``rungs``
-    replace each study's own for the rank correlations."""
+    """One record per study, in the order asked, or every study in the storage, each group's seeds
+    together; ``rungs`` replace each study's own for the rank correlations."""
     from pipeline.search.study_file import StudyFileError
 
     known = study_names(storage)
     if not known:
         raise StudyFileError("the storage holds no study yet. Fix: run `make tune` first (or point STORAGE / "
                              "OPTUNA_STORAGE at the storage that has them).")
-    names = names or known
-    missing = [n for n in names if n not in known]
+    missing = [n for n in names or [] if n not in known]
     if missing:
         raise StudyFileError(f"no study {missing[0]!r} in the storage (studies there: {', '.join(known) or 'none'}). "
                              f"Fix: run `make tune STUDY={missing[0]}` first, or pick from the list.")
-    return [describe(optuna.load_study(study_name=name, storage=storage), rungs) for name in names]
+    records = [describe(optuna.load_study(study_name=name, storage=storage), rungs) for name in names or known]
+    return records if names else sorted(records, key=lambda r: (r.group, r.seed or 0, r.study))
 
 
 def write_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference],

@@ -30,7 +30,7 @@ def load(folder, study="mlp"):
 
 @pytest.mark.slow
 def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, synthetic_env):
-    # The mlp study prunes from epoch 3 on, once two trials are complete: two that learn come first.
+    # The mlp study prunes at epoch 3 (its first successive-halving rung): two trials that learn come first.
     enqueue(tmp_path, "mlp", LEARNS, {**LEARNS, "lr": 2e-3}, HOPELESS, DIVERGES)
     summary = run_session(session(tmp_path, trials=6, epochs=5))
     trials = load(tmp_path).trials
@@ -50,6 +50,9 @@ def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, sy
     assert summary["best_trial"]["number"] == best.number and best.number in (0, 1)
     assert summary["epochs_unpruned"] == 6 * 5 and summary["epochs_run"] < summary["epochs_unpruned"]
     assert "pruning saved" in format_summary(summary)
+    # Successive halving's one rung in 5 epochs is epoch 3; the summary says how many got there.
+    assert [r["epoch"] for r in summary["pruning"]["rungs"]] == [3]
+    assert summary["pruning"]["reached_last_rung"] == sum(t.last_step >= 3 for t in finished) < len(finished)
 
 
 def test_a_new_study_starts_with_the_study_files_configuration(tmp_path, synthetic_env):
