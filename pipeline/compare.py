@@ -230,7 +230,8 @@ def format_table(records: list[StudyRecord], references: dict[str, Reference]) -
 
 def format_groups(groups: list[GroupRecord], references: dict[str, Reference]) -> str:
     width = max([len("group"), *(len(g.group) for g in groups)]) + 2
-    header = f"{'group':<{width}}{'studies':>8}{'best: median (low-high)':>28}{'beat default':>14}{'to ref, median':>24}"
+    header = (f"{'group':<{width}}{'studies':>8}{'best: median (low-high)':>28}{'beat default':>14}"
+              f"{'to ref, median':>24}")
     lines = [header, "-" * len(header)]
     for g in groups:
         spread = f"{percent(g.best_median)} ({percent(g.best_low)}-{percent(g.best_high)})"

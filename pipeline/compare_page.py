@@ -133,7 +133,8 @@ def studies_table(records: list[StudyRecord], references: dict[str, Reference]) 
 def _rung_cell(rung: dict) -> str:
     cell = f"epoch {rung['epoch']}: {format_correlation(rung['rank_correlation'])} ({rung['trials']})"
     if "next_epoch" in rung:
-        cell += f", to {rung['next_epoch']}: {format_correlation(rung['next_rank_correlation'])} ({rung['next_trials']})"
+        onward = format_correlation(rung["next_rank_correlation"])
+        cell += f", to {rung['next_epoch']}: {onward} ({rung['next_trials']})"
     return cell
 
 

@@ -48,7 +48,8 @@ def plan_baseline(spec: StudySpec, storage, *, seconds: float | None = None,
     trials = study.get_trials(deepcopy=False)
     # The default's trial: marked so; in a study from before the mark, the one with the file's values. Its
     # own parameters, sampled ones included when the recipe sets only some of the searched fields.
-    ran_default = [t for t in trials if (t.user_attrs.get(attrs.DEFAULT_CONFIGURATION) or t.params == spec.enqueue[0])
+    ran_default = [t for t in trials
+                   if (t.user_attrs.get(attrs.DEFAULT_CONFIGURATION) or t.params == spec.enqueue[0])
                    and not attrs.is_final_run(t) and t.user_attrs.get(attrs.EPOCH_SECONDS)]
     if not ran_default:
         raise StudyFileError(f"study {spec.name!r} has no trial of its default configuration with a recorded "

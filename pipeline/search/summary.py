@@ -220,13 +220,14 @@ def _pruning_lines(pruning: dict | None) -> list[str]:
     if not pruning or not pruning["searched"] or not pruning["rungs"]:
         return []
     rungs, reached = pruning["rungs"], pruning["reached_last_rung"]
-    to_end = ", ".join(f"{format_correlation(r['rank_correlation'])} at epoch {r['epoch']} ({r['trials']} trials)" for r in rungs)
+    to_end = ", ".join(f"{format_correlation(r['rank_correlation'])} at epoch {r['epoch']} ({r['trials']} trials)"
+                       for r in rungs)
     lines = [f"Pruning rungs: rank correlation with the final value, over the trials that ran to the end: {to_end}"]
     onward = [r for r in rungs if "next_epoch" in r]
     if onward:
         lines.append("  and with the next rung, over every trial that reached it: " + ", ".join(
-            f"{format_correlation(r['next_rank_correlation'])} from epoch {r['epoch']} to {r['next_epoch']} ({r['next_trials']} "
-            f"trials)" for r in onward))
+            f"{format_correlation(r['next_rank_correlation'])} from epoch {r['epoch']} to {r['next_epoch']} "
+            f"({r['next_trials']} trials)" for r in onward))
     lines.append(f"  {reached} of {pruning['searched']} searched trials ({reached / pruning['searched']:.0%}) "
                  f"reached the last rung (epoch {rungs[-1]['epoch']})")
     return lines
