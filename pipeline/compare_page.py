@@ -33,11 +33,30 @@ p.note { font-size: 0.85em; color: #444; max-width: 70em; }
 
 
 def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference]) -> str:
-    import plotly.graph_objects as go
-
+    """The page: the tables, then each model family's figures (an MLP at 91 % and a CNN at 95 % on one
+    zoomed axis would hide one of them)."""
     from pipeline.figures import self_contained_html
 
     colour = {g.group: COLOURS[i % len(COLOURS)] for i, g in enumerate(groups)}
+    figures = {}
+    for family in dict.fromkeys(r.model_family for r in records):
+        members = [r for r in records if r.model_family == family]
+        for name, figure in family_figures(family, members, colour, references.get(family)).items():
+            figures[f"{family}-{name}"] = figure
+    page = self_contained_html(figures, "Studies compared")
+    tables = (f"<h2>Searches over their seeds, and baselines</h2>{groups_table(groups, references)}"
+              f"<h2>Every study</h2>{studies_table(records, references)}"
+              f"<p class='note'>The reference: {html.escape(describe_references(references))}, less 0.2 points. "
+              f"{NOTES}</p>")
+    return page.replace("<head>", "<head>" + STYLE, 1).replace("</h1>", "</h1>" + tables, 1)
+
+
+def family_figures(family: str, records: list[StudyRecord], colour: dict[str, str],
+                   reference: Reference | None) -> dict:
+    """One model family's best-so-far against busy wall time and against epochs, and the spread of its
+    complete trials, accuracy in percent zoomed to the family's data."""
+    import plotly.graph_objects as go
+
     against_time, against_epochs, spread = go.Figure(), go.Figure(), go.Figure()
     seen_in_group: dict[str, int] = {}
     for r in records:
@@ -54,28 +73,23 @@ def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], refer
                                             line={"color": colour[r.group], "dash": dash}))
         spread.add_trace(go.Box(y=[v * 100 for v in r.values], name=r.study, boxpoints="all", jitter=0.4,
                                 marker_color=colour[r.group]))
-    for family, reference in references.items():
+    levels = []
+    if reference is not None:
+        levels.append(reference.level)
         for figure in (against_time, against_epochs):
             figure.add_hline(y=reference.level * 100, line={"color": "grey", "width": 1},
-                             annotation_text=f"{family} reference: {reference.group}'s median best - 0.2",
+                             annotation_text=f"reference: {reference.group}'s median best - 0.2",
                              annotation_position="bottom left")
-    low, high = zoomed_range([b for r in records for _, _, b in r.curve] + [r.level for r in references.values()])
-    percent_axis = {"ticksuffix": " %", "range": [low, high]}
-    against_time.update_layout(title="Best validation accuracy so far, against busy wall time",
-                               xaxis_title="minutes", yaxis={**percent_axis, "title": "validation accuracy"})
-    against_epochs.update_layout(title="Best validation accuracy so far, against epochs spent",
-                                 xaxis_title="epochs", yaxis={**percent_axis, "title": "validation accuracy"})
+    low, high = zoomed_range([b for r in records for _, _, b in r.curve] + levels)
+    percent_axis = {"ticksuffix": " %", "range": [low, high], "title": "validation accuracy"}
+    against_time.update_layout(title=f"{family}: best validation accuracy so far, against busy wall time",
+                               xaxis_title="minutes", yaxis=percent_axis)
+    against_epochs.update_layout(title=f"{family}: best validation accuracy so far, against epochs spent",
+                                 xaxis_title="epochs", yaxis=percent_axis)
     values = [v for r in records for v in r.values]
-    spread.update_layout(title="Validation accuracy of the complete trials",
-                         yaxis={"ticksuffix": " %", "range": list(zoomed_range(values)),
-                                "title": "validation accuracy"}, showlegend=False)
-    page = self_contained_html({"time": against_time, "epochs": against_epochs, "spread": spread},
-                               "Studies compared")
-    tables = (f"<h2>Searches over their seeds, and baselines</h2>{groups_table(groups, references)}"
-              f"<h2>Every study</h2>{studies_table(records, references)}"
-              f"<p class='note'>The reference: {html.escape(describe_references(references))}, less 0.2 points. "
-              f"{NOTES}</p>")
-    return page.replace("<head>", "<head>" + STYLE, 1).replace("</h1>", "</h1>" + tables, 1)
+    spread.update_layout(title=f"{family}: validation accuracy of the complete trials", showlegend=False,
+                         yaxis={**percent_axis, "range": list(zoomed_range(values))})
+    return {"time": against_time, "epochs": against_epochs, "spread": spread}
 
 
 def _baseline_trace(figure, go, record: StudyRecord, xs, ys, colour: str) -> None:
