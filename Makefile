@@ -20,7 +20,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install data train tune baseline evaluate-best compare dashboard ui serve services services-stop services-status \
-	test test-fast smoke bench clean
+	test test-fast smoke bench bench-storage clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final
 bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test, the CNN's epoch and the fast-cnn recipe, MLflow's cost
 	$(PY) benchmarks/bench_train.py $(ARGS)
 	$(PY) benchmarks/bench_tracking.py
+
+bench-storage: data ## workers per store: Optuna (SQLite, journal, PostgreSQL) and MLflow (SQLite, server) under load, a worker's memory
+	$(PY) benchmarks/bench_storage.py --memory $(ARGS)
 
 clean: ## remove the virtualenv, data/ and reports/ (keeps studies and mlruns)
 	rm -rf $(VENV) data reports

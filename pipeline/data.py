@@ -253,6 +253,20 @@ class Splits:
         return -self.mean / self.std
 
 
+def split_inputs(dataset: FashionMNIST, splits: Splits, *, val_size: int, train_subset: int = 0) -> list:
+    """The training and validation splits as MLflow dataset inputs (experiments.dataset_input)."""
+    from pipeline.experiments import dataset_input
+
+    cut = f"stratified, seed {SPLIT_SEED}, val_size {val_size}"
+    if train_subset:
+        cut += f", train_subset {train_subset}"
+    total = len(dataset.train_labels)
+    return [dataset_input(dataset, "training", len(splits.train_labels), f"train: {total} training images less "
+                                                                          f"validation ({cut})"),
+            dataset_input(dataset, "validation", len(splits.val_labels), f"validation: of {total} training "
+                                                                            f"images ({cut})")]
+
+
 def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) -> Splits:
     """Stratified validation split out of the training images; optional stratified training subset."""
     if val_size >= len(dataset.train_labels):

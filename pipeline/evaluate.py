@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.config import NOTEBOOK_TEST_ACCURACY
 from pipeline.data import CLASSES, load_fashion_mnist
+from pipeline.experiments import dataset_input
 from pipeline.metrics import CALIBRATION_BINS, classification_metrics
 from pipeline.paths import REPORTS_DIR
 from pipeline.registry import CHAMPION, REGISTERED_MODEL, resolve_version, val_accuracy_of
@@ -61,7 +62,8 @@ def evaluate_registered(name: str = REGISTERED_MODEL, *, alias: str | None = CHA
     result["report"] = str(folder / "report.html")
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))
     (folder / "report.html").write_text(render_report(result, images, labels, predictions, probabilities))
-    result["mlflow_run_id"] = log_evaluation_run(result, folder)
+    test_input = dataset_input(dataset, "test", len(labels), f"test: the {len(labels)} test images")
+    result["mlflow_run_id"] = log_evaluation_run(result, folder, inputs=[test_input])
     return result
 
 
@@ -96,9 +98,9 @@ def magnitude_prune_sweep(module, images: np.ndarray, labels: np.ndarray) -> lis
     return sweep
 
 
-def log_evaluation_run(result: dict, folder: Path) -> str:
-    """An MLflow run beside the model's study runs (or in `evaluation`), tagged with the version;
-    the version gets `test_accuracy` and `evaluation_run_id` tags."""
+def log_evaluation_run(result: dict, folder: Path, *, inputs=()) -> str:
+    """An MLflow run beside the model's study runs (or in `evaluation`), tagged with the version, with
+    the test split as its dataset input; the version gets `test_accuracy` and `evaluation_run_id` tags."""
     import mlflow
 
     from pipeline.experiments import ensure_experiment, log_confusion_matrix, log_values
@@ -113,6 +115,8 @@ def log_evaluation_run(result: dict, folder: Path) -> str:
                "test_expected_calibration_error": result["expected_calibration_error"]}
     metrics.update({f"test_f1.{name.replace('/', '-')}": v["f1-score"] for name, v in result["per_class"].items()})
     log_values(client, run_id, metrics, params={"model_uri": result["model_uri"]})
+    if inputs:
+        client.log_inputs(run_id, datasets=list(inputs))
     for point in result.get("prune_sweep", []):  # step = the percentage of weights removed
         log_values(client, run_id, {"pruned_test_accuracy": point["test_accuracy"]}, step=round(point["sparsity"] * 100))
     client.log_artifact(run_id, str(folder / "report.html"))

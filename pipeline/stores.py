@@ -269,8 +269,26 @@ def configure_mlflow() -> str:
         MLRUNS_DIR.mkdir(exist_ok=True)
     if is_server(uri):
         check_tracking_server(uri)
+    elif _storage_file(uri) is not None:
+        _open_sqlite_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _open_sqlite_tracking_store(uri: str) -> None:
+    """Open the SQLite store once while holding a lock file beside it. MLflow creates its tables and
+    runs its migrations on the first use of a new store, with no lock of its own: two sessions starting
+    at once on a fresh clone raced to do it ("table experiments already exists", "duplicate column
+    name"), and one died. The second now waits, then finds the tables made. (A tracking server creates
+    them once, when it starts; Optuna's tables are handled in open_storage.)"""
+    import fcntl
+
+    import mlflow
+
+    file = _storage_file(uri)
+    with open(file.with_name(file.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 def check_tracking_store() -> str:

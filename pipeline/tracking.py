@@ -54,8 +54,10 @@ class TrialTracker:
         self.pending_epochs: list[Future] = []  # epoch metrics still being sent
 
     @_timed
-    def start(self, trial_number: int, config: TrainConfig, sampled: dict, tags: dict[str, str]) -> str:
-        """Open the trial's run with the full config and the sampled values as parameters."""
+    def start(self, trial_number: int, config: TrainConfig, sampled: dict, tags: dict[str, str], *,
+              inputs=()) -> str:
+        """Open the trial's run with the full config and the sampled values as parameters, and the data
+        it trains and validates on as its dataset inputs."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         run = self.client.create_run(
@@ -65,6 +67,8 @@ class TrialTracker:
         self.run_id = run.info.run_id
         log_values(self.client, self.run_id, {},
                    params={**asdict(config), **{f"sampled.{k}": v for k, v in sampled.items()}})
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=list(inputs))
         return self.run_id
 
     def trial_attributes(self) -> dict:
@@ -136,7 +140,7 @@ class TrialTracker:
 class NullTrialTracker:
     """Tracking off: a trial tracker with the same methods, doing nothing."""
 
-    def start(self, trial_number, config, sampled, tags):
+    def start(self, trial_number, config, sampled, tags, *, inputs=()):
         return None
 
     def trial_attributes(self):
@@ -211,16 +215,21 @@ class SessionTracker:
     def __init__(self, study_name: str, tags: dict[str, str]):
         import mlflow
 
-        from pipeline.stores import configure_mlflow
+        from pipeline.session_runs import SESSION_KIND, SessionHeartbeat, end_runs_of_gone_sessions, identity_tags
+        from pipeline.stores import configure_mlflow, heartbeat_seconds
 
         started = time.perf_counter()
         configure_mlflow()
         self.client = mlflow.MlflowClient()
         self.experiment_id = ensure_experiment(study_name)
+        interval = heartbeat_seconds()
+        for line in end_runs_of_gone_sessions(self.client, self.experiment_id, interval):
+            print(line, flush=True)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         run = self.client.create_run(self.experiment_id, run_name=f"{study_name} session {stamp}",
-                                     tags={**tags, "study": study_name, "kind": "tuning-session"})
+                                     tags={**tags, **identity_tags(), "study": study_name, "kind": SESSION_KIND})
         self.run_id = run.info.run_id
+        self.heartbeat = SessionHeartbeat(self.client, self.run_id, interval).start()
         self.tags = tags
         self.seconds = time.perf_counter() - started  # in MLflow calls outside the trials
 
@@ -248,6 +257,7 @@ class SessionTracker:
         from pipeline.figures import optuna_figures, self_contained_html
         from pipeline.study_figures import study_images
 
+        self.heartbeat.stop()
         if study is None:
             self.client.set_terminated(self.run_id, status)
             return

@@ -69,6 +69,8 @@ def test_the_evaluation_is_an_mlflow_run_linked_to_the_version(registered):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"report.html", "metrics.json", "test_confusion_matrix.png", "test_confusion_matrix.json"}
     assert run.data.tags["dataset"] == "custom"
+    [test_data] = run.inputs.dataset_inputs  # the run page's Datasets: the test split, and only it
+    assert test_data.tags[0].value == "test" and json.loads(test_data.dataset.profile)["images"] == result["n_test_images"]
     version = client.get_model_version(REGISTERED_MODEL, str(result["version"]))
     assert "test_accuracy" not in version.tags  # a custom dataset's score is not the version's test accuracy
 

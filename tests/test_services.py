@@ -27,6 +27,7 @@ from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
 from tests.conftest import free_port, write_dataset
 from tests.shrunk import LEARNS, tune_command
+from tests.test_killed_session import kill_a_session_then_run_the_next
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 MIRRORED = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -214,7 +215,9 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_its_trial_resumes_
     killed = study.get_trials(deepcopy=False)[target.number]
     assert killed.state == TrialState.FAIL
     killed_run = mlflow.MlflowClient().get_run(killed.user_attrs[attrs.MLFLOW_RUN_ID])
-    assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["fail_reason"]
+    # The victim was the whole session: the survivor ended its run when it started, before Optuna found
+    # the trial stale (a worker killed in a session that lives on gets "no heartbeat" instead).
+    assert killed_run.info.status == "FAILED" and f"process {victim.pid}" in killed_run.data.tags["fail_reason"]
     retries = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == target.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     resumed_epoch = int(retries[0].user_attrs[attrs.RESUMED_FROM].rsplit(" ", 1)[1])
@@ -222,6 +225,15 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_its_trial_resumes_
     assert retries[0].user_attrs[attrs.RESUMED_FROM].startswith(f"trial-{target.number},")
     assert len(retries[0].intermediate_values) == 10  # the earlier epochs reported again, then the rest
     assert_runs_mirror_trials(study)
+
+
+def test_a_killed_session_on_the_services_leaves_nothing_running(services, bigger_synthetic_dir):
+    """The whole session (two workers) SIGKILLed, then the next one: test_killed_session's scenario,
+    on PostgreSQL and the tracking server."""
+    running, _, _ = services
+    storage = fresh_database(running, "killed_session")
+    env = user_env(running, storage, bigger_synthetic_dir, OPTUNA_HEARTBEAT_SECONDS="1")
+    kill_a_session_then_run_the_next(tune("mlp", "--trials", "4", epochs=8), env, storage, workers=2)
 
 
 def test_workers_ride_out_a_postgresql_restart(services, bigger_synthetic_dir):

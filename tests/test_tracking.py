@@ -2,6 +2,7 @@
 with the shipped studies shrunk (tests/shrunk.py)."""
 
 import dataclasses
+import json
 
 import mlflow
 import numpy as np
@@ -77,6 +78,23 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
     assert pruned and failed
     assert trial_runs[pruned[0].number].data.tags["pruned_at_epoch"] == str(pruned[0].user_attrs[attrs.EPOCHS_RUN])
     assert "lower the learning rate" in trial_runs[failed[0].number].data.tags["fail_reason"]
+
+
+def test_each_trial_run_shows_the_data_it_trained_and_validated_on(tracked_study, synthetic_dataset):
+    """The run page's Datasets: training and validation, with a digest that is the same for every trial
+    cut the same way from the same files, and differs between the two splits."""
+    _, study = tracked_study
+    trial_runs, _ = runs_by_trial(mlflow.MlflowClient(), "mlp")
+    seen = set()
+    for run in trial_runs.values():
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # context: dataset
+        assert sorted(inputs) == ["training", "validation"]
+        assert inputs["training"].digest != inputs["validation"].digest
+        profile = json.loads(inputs["validation"].profile)
+        assert profile["images"] == 200 and profile["dataset_checksum"] == synthetic_dataset.checksum
+        assert json.loads(inputs["training"].profile)["images"] == len(synthetic_dataset.train_labels) - 200
+        seen.add((inputs["training"].digest, inputs["validation"].digest))
+    assert len(seen) == 1  # every trial saw the same images
 
 
 def test_the_session_run_carries_optunas_figures_and_the_summary(tracked_study):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import optuna
@@ -82,10 +83,26 @@ def run_worker_processes(session, trial_trackers, started: float) -> None:
 
 
 def _worker_entry(session, trial_trackers, worker: int, started: float) -> None:
+    _end_with_the_session()
     try:
         work(session, trial_trackers, worker=worker, started=started)
     except KeyboardInterrupt:
         pass  # the parent reports the interruption
+
+
+def _end_with_the_session() -> None:
+    """A worker must not outlive its session. Killed outright (SIGKILL), the session cannot stop its
+    workers: they would train on, orphans, for trials whose parent run the next session ends as KILLED.
+    On Linux the kernel kills a worker when its session dies (PR_SET_PDEATHSIG); its trial then stops
+    beating and is retried, like any killed worker's. Elsewhere workers run on to their deadline."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != multiprocessing.parent_process().pid:  # the session died before we asked
+        os._exit(1)
 
 
 def work(session, trial_trackers, *, worker: int, started: float) -> None:
