@@ -15,8 +15,9 @@ class PortTaken(PipelineError):
 
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     """``preferred`` when it is free on ``host``, else one the system picks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address (services --host ::)
     for port in (preferred, 0):
-        with socket.socket() as probe:
+        with socket.socket(family) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
