@@ -12,7 +12,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 ARGS ?=
 # STUDY, SEED, TRIALS, TIMEOUT, WORKERS and the *_PORT variables are passed on only when set: their
-# defaults live once, in `python -m pipeline <command> --help`.
+# defaults live once, in `python -m pipeline <command> --help`. HOST counts only on make's command line:
+# tcsh and others export HOST=<hostname>, which must not open the services to a network.
 export MLFLOW_DISABLE_TELEMETRY = true
 ifdef STORAGE
 export OPTUNA_STORAGE = $(STORAGE)
@@ -61,8 +62,10 @@ ui: $(INSTALLED) ## the MLflow UI on the tracking store, on 127.0.0.1 (UI_PORT=n
 serve: $(INSTALLED) ## the champion behind MLflow's scoring server, on 127.0.0.1 (SERVE_PORT=n)
 	@$(PY) -m pipeline serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
-services: $(INSTALLED) ## local PostgreSQL + MLflow tracking server on 127.0.0.1; prints the exports (PG_PORT, MLFLOW_PORT)
-	@$(PY) -m pipeline services start $(if $(PG_PORT),--pg-port $(PG_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+services: $(INSTALLED) ## PostgreSQL + MLflow tracking server on 127.0.0.1, or HOST=<address> for other machines; prints the exports (PG_PORT, MLFLOW_PORT)
+	@$(PY) -m pipeline services start $(if $(filter command line,$(origin HOST)),--host $(HOST)) \
+		$(if $(PG_PORT),--pg-port $(PG_PORT)) \
+		$(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
 
 services-stop: $(INSTALLED) ## stop what make services started
 	@$(PY) -m pipeline services stop

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the UIs at them.")
     services.add_argument("action", choices=["start", "stop", "status"])
     services.add_argument("--host", default="127.0.0.1",
-                          help="address both bind to (default: 127.0.0.1; 0.0.0.0 lets other machines in)")
+                          help="address both bind to (default: 127.0.0.1). Another address of this machine lets "
+                               "the machines of its network in (password logins to PostgreSQL); 0.0.0.0 every "
+                               "address and every network (firewall it)")
     services.add_argument("--pg-port", type=port_number,
                           help=f"PostgreSQL's port (default: {DEFAULT_PG_PORT}, else a free one)")
     services.add_argument("--mlflow-port", type=port_number,

@@ -325,7 +325,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_services(args: argparse.Namespace) -> int:
-    from pipeline.services import Services, services_dir
+    from pipeline.services import EVERY_ADDRESS, LOOPBACK, Services, machine_addresses, services_dir
 
     services = Services(services_dir())
     if args.action == "stop":
@@ -336,11 +336,24 @@ def run_services(args: argparse.Namespace) -> int:
         print("\n".join(services.status()))
         return 0
     state = services.start(host=args.host, pg_port=args.pg_port, mlflow_port=args.mlflow_port)
+    host, url_file = state["host"], services.storage_url_file
+    where = "" if host in LOOPBACK else f", on this machine or another on {', '.join(state['logins_from'])}"
+    if host in EVERY_ADDRESS:
+        where = " on this machine"
     print("\n".join(services.status()))
     print(f"Artifacts are proxied by the server into {services.root / 'mlflow-artifacts'}.\n"
-          f"Paste into every shell that runs make tune, evaluate-best, dashboard or ui (the storage URL holds the "
-          f"database password, so it is read from a file readable by you only):\n"
-          f'  export OPTUNA_STORAGE="$(cat {services.storage_url_file})"\n'
-          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}\n"
-          f"make services-status says what runs; make services-stop stops both.")
+          f"Paste into every shell that runs make tune, evaluate-best, dashboard or ui{where} (the storage URL holds "
+          f"the database password, so it is read from a file readable by you only):\n"
+          f'  export OPTUNA_STORAGE="$(cat {url_file})"\n'
+          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}")
+    if host in EVERY_ADDRESS:
+        print(f"On other machines: the same two with one of this machine's addresses in place of 127.0.0.1 "
+              f"({', '.join(a for a in machine_addresses() if a not in LOOPBACK) or 'none found'}); "
+              f"`--host <address>` prints them ready to paste. PostgreSQL takes password logins from anywhere: "
+              f"firewall it.")
+    elif host not in LOOPBACK:
+        print(f'Where this folder is not shared, read the file over ssh: OPTUNA_STORAGE="$(ssh {host} cat '
+              f'{url_file})". The tracking server has no login: whoever reaches {host}:{state["mlflow_port"]} '
+              f"reads and writes runs, so keep that network private.")
+    print("make services-status says what runs; make services-stop stops both.")
     return 0

@@ -15,8 +15,9 @@ class PortTaken(PipelineError):
 
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     """``preferred`` when it is free on ``host``, else one the system picks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address (services --host ::)
     for port in (preferred, 0):
-        with socket.socket() as probe:
+        with socket.socket(family) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
@@ -45,3 +46,21 @@ def health_answer(url: str, timeout: float) -> None:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return
+
+
+# MLflow 3's server answers a request whose Host header it does not allow (--allowed-hosts, against DNS
+# rebinding) with 403 and this text; /health is exempt, so a health probe cannot see it.
+HOST_REFUSED = b"Invalid Host header"
+
+
+def refuses_host_header(url: str, timeout: float) -> bool:
+    """Whether the MLflow server at ``url`` refuses API requests addressed as ``url`` addresses it.
+    Any other answer, or none, is False: the caller's other checks and MLflow report those."""
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                               timeout=timeout).close()
+    except urllib.error.HTTPError as error:
+        return error.code == 403 and HOST_REFUSED in error.read(200)
+    except (OSError, ValueError):
+        pass
+    return False

@@ -6,24 +6,29 @@ server's backend store). The tracking server proxies artifacts (`--artifacts-des
 clients send models and figures over HTTP and need no shared filesystem. Everything lives under
 one folder (.services/ by default, ignored by git): the cluster, the artifacts, the logs and
 services.json (ports, password, the server's process id). Both bind to 127.0.0.1 unless told
-otherwise. PostgreSQL refuses to run as root, so under root it runs as the `postgres` user.
+otherwise (`--host`): bound to another address, PostgreSQL takes password logins from that
+address's network only (0.0.0.0: from anywhere), a rule rewritten on every start, and the server
+accepts requests addressed to that address. PostgreSQL refuses to run as root, so under root it
+runs as the `postgres` user.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.network import free_port, health_answer
 from pipeline.paths import REPO_ROOT
 
@@ -34,6 +39,16 @@ DB_USER = "pipeline"
 # features this pipeline does not use; on a small machine it costs more than the runs it tracks.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SERVER_START_SECONDS = 180  # the first start creates MLflow's tables (about 20 s on 2 cores)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EVERY_ADDRESS = ("0.0.0.0", "::")
+# pg_hba.conf: the remote-login rules live between these lines, replaced whole on every start, so a
+# cluster first started on loopback and later on a network takes that network's logins (and one moved
+# back to loopback no longer does). Lines outside the block are the user's and are kept.
+HBA_BEGIN = "# BEGIN make services: password logins from other machines (rewritten on every start; edit outside)"
+HBA_END = "# END make services"
+# What earlier versions appended at initdb for any non-loopback host (replaced by the block).
+LEGACY_HBA_LINES = ("host all all 0.0.0.0/0 scram-sha-256", "host all all ::/0 scram-sha-256")
+ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"  # `mlflow server --allowed-hosts`, read from the environment
 
 
 class ServicesError(PipelineError):
@@ -70,12 +85,14 @@ class Services:
         write_private(self.state_file, json.dumps(state, indent=2))  # it holds the database password
 
     def database_url(self, database: str, state: dict | None = None) -> str:
+        """The URL clients use (the bound address, or loopback when bound to every address)."""
         state = state or self.state()
-        return f"postgresql://{DB_USER}:{state['password']}@127.0.0.1:{state['pg_port']}/{database}"
+        host = url_host(client_address(state.get("host", "127.0.0.1")))
+        return f"postgresql://{DB_USER}:{state['password']}@{host}:{state['pg_port']}/{database}"
 
     def tracking_uri(self, state: dict | None = None) -> str:
         state = state or self.state()
-        return f"http://127.0.0.1:{state['mlflow_port']}"
+        return f"http://{url_host(client_address(state.get('host', '127.0.0.1')))}:{state['mlflow_port']}"
 
     # PostgreSQL -------------------------------------------------------------------------------
 
@@ -89,8 +106,10 @@ class Services:
 
     def start_postgres(self, state: dict, host: str) -> None:
         if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb(state["password"], host)
+            self._initdb(state["password"])
+        self.write_login_rules(login_networks(host))
         if self.postgres_running():
+            self.pg("pg_ctl", "reload", "-D", str(self.pgdata))  # the rules as written now
             return
         log = self.root / "postgres.log"
         log.touch()
@@ -100,7 +119,7 @@ class Services:
         self.pg("pg_ctl", "start", "-D", str(self.pgdata), "-l", str(log), "-w", "-t", "60", "-o", options)
         self._create_databases(state)
 
-    def _initdb(self, password: str, host: str) -> None:
+    def _initdb(self, password: str) -> None:
         self.pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
         password_file = self.root / "initdb-password"
         write_private(password_file, password)
@@ -116,18 +135,38 @@ class Services:
                     "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions")
         finally:
             password_file.unlink(missing_ok=True)
-        if host not in ("127.0.0.1", "localhost"):
-            with open(self.pgdata / "pg_hba.conf", "a") as hba:
-                hba.write("host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
+
+    def write_login_rules(self, networks: list[str]) -> None:
+        """Replace the marked block of pg_hba.conf with a password (scram-sha-256) rule per network;
+        no block for loopback (initdb's own rules cover it). The file keeps its owner (postgres)."""
+        hba = self.pgdata / "pg_hba.conf"
+        kept, inside = [], False
+        for line in hba.read_text().splitlines():
+            if line == HBA_BEGIN:
+                inside = True
+            elif line == HBA_END:
+                inside = False
+            elif not inside and line.strip() not in LEGACY_HBA_LINES:
+                kept.append(line)
+        while kept and not kept[-1].strip():
+            kept.pop()
+        block = [HBA_BEGIN, *(f"host all all {network} scram-sha-256" for network in networks), HBA_END]
+        with open(hba, "w") as file:  # in place: owner and mode stay
+            file.write("\n".join(kept + ([""] + block if networks else [])) + "\n")
 
     def _create_databases(self, state: dict) -> None:
         import psycopg
 
-        with psycopg.connect(self.database_url("postgres", state), autocommit=True) as connection:
-            existing = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
-            for database in ("optuna", "mlflow"):
-                if database not in existing:
-                    connection.execute(f'CREATE DATABASE "{database}"')
+        try:
+            with psycopg.connect(self.database_url("postgres", state), autocommit=True) as connection:
+                existing = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
+                for database in ("optuna", "mlflow"):
+                    if database not in existing:
+                        connection.execute(f'CREATE DATABASE "{database}"')
+        except psycopg.OperationalError as error:  # e.g. a pg_hba.conf edited by hand that shuts us out
+            raise ServicesError(f"PostgreSQL started but refuses us: {first_line(error)}. Fix: check "
+                                f"{self.pgdata / 'pg_hba.conf'} (lines outside the block make services writes), "
+                                f"then make services-stop and make services again") from None
 
     def restart_postgres(self, pause: float = 0) -> None:
         """A fast restart with the options it was started with, ``pause`` seconds down (the tests'
@@ -167,6 +206,8 @@ class Services:
         env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow", state),  # not on argv: ps shows argv
                "MLFLOW_DISABLE_TELEMETRY": "true", **MLFLOW_SERVER_ENV}
         env.pop("MLFLOW_TRACKING_URI", None)
+        if host not in LOOPBACK and not os.environ.get(ALLOWED_HOSTS_ENV):  # the user's own list wins
+            env[ALLOWED_HOSTS_ENV] = ",".join(allowed_host_headers(host))
         mlflow = Path(sys.executable).parent / "mlflow"
         with open(self.root / "mlflow.log", "ab") as log:
             process = subprocess.Popen(
@@ -217,22 +258,27 @@ class Services:
         if self.root.exists() and not self.root.is_dir():
             raise ServicesError(f"{SERVICES_DIR_ENV}={self.root} is a file, not a folder. Fix: name a folder (it is "
                                 f"created), or unset it for {REPO_ROOT / '.services'}")
+        networks = login_networks(host)  # a host that is not this machine's: one line, before anything starts
         ensure_postgres_installed()
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             self.root.chmod(0o755)  # the postgres user must reach the cluster folder inside
         state = self.state()
         state.setdefault("password", secrets.token_urlsafe(18))
+        running_on = state.get("host", "127.0.0.1")
+        if (self.postgres_running() or self.server_pid() is not None) and host != running_on:
+            raise ServicesError(f"the services already run on {running_on}. Fix: make services-stop first, then "
+                                f"start them on {host}.")
         for running, asked, key in ((self.postgres_running(), pg_port, "pg_port"),
                                     (self.server_pid() is not None, mlflow_port, "mlflow_port")):
             if running and asked and asked != state.get(key):
                 raise ServicesError(f"the services already run ({key.replace('_', ' ')} {state.get(key)}). "
                                     f"Fix: make services-stop first, then start them on the new port.")
         if pg_port or not self.postgres_running():
-            state["pg_port"] = pg_port or state.get("pg_port") or free_port(DEFAULT_PG_PORT)
+            state["pg_port"] = pg_port or state.get("pg_port") or free_port(DEFAULT_PG_PORT, host)
         if mlflow_port or not self.server_pid():
-            state["mlflow_port"] = mlflow_port or state.get("mlflow_port") or free_port(DEFAULT_MLFLOW_PORT)
-        state["host"] = host
+            state["mlflow_port"] = mlflow_port or state.get("mlflow_port") or free_port(DEFAULT_MLFLOW_PORT, host)
+        state["host"], state["logins_from"] = host, networks
         self.save_state(state)
         self.start_postgres(state, host)
         self.start_server(state, host)
@@ -250,8 +296,78 @@ class Services:
             return [f"no services in {self.root} (make services starts them)"]
         postgres = "running" if self.postgres_running() else "stopped"
         server = "running" if self.server_pid() and self.server_healthy(state) else "stopped"
-        return [f"PostgreSQL on 127.0.0.1:{state['pg_port']}: {postgres} (data in {self.pgdata})",
-                f"MLflow tracking server on {self.tracking_uri(state)}: {server} (log {self.root / 'mlflow.log'})"]
+        host = state.get("host", "127.0.0.1")
+        bound = url_host(host) + (" (every address of this machine)" if host in EVERY_ADDRESS else "")
+        networks = state.get("logins_from") or []
+        logins = f"; password logins from {', '.join(networks)}" if networks else ""
+        return [f"PostgreSQL on {bound}:{state['pg_port']}{logins}: {postgres} (data in {self.pgdata})",
+                f"MLflow tracking server on http://{bound}:{state['mlflow_port']}: {server} "
+                f"(log {self.root / 'mlflow.log'})"]
+
+
+def client_address(host: str) -> str:
+    """The address clients put in their URLs: the bound one, or loopback when bound to every address
+    (other machines then use one of this machine's addresses, which the server cannot know)."""
+    return "127.0.0.1" if host in EVERY_ADDRESS else host
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+
+
+def login_networks(host: str) -> list[str]:
+    """The networks PostgreSQL takes password logins from when bound to ``host``: none beyond
+    loopback for loopback; every address for 0.0.0.0 (or ::); else the network of the interface
+    that holds the address (a bound address is one of this machine's, so its network is what the
+    user opened the services to). Raises ServicesError, naming this machine's addresses, when
+    ``host`` is not one of them."""
+    if host in LOOPBACK:
+        return []
+    if host in EVERY_ADDRESS:
+        return ["0.0.0.0/0", "::/0"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # a name: the address it resolves to here
+            address = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0])
+        except (OSError, ValueError):
+            raise ServicesError(f"--host {host}: not an address, and no name this machine can resolve. Fix: one of "
+                                f"this machine's addresses ({', '.join(machine_addresses()) or 'none found'}), or "
+                                f"0.0.0.0 for all of them.") from None
+    for interface in machine_interfaces():
+        if interface.ip == address:
+            return [str(interface.network)]
+    raise ServicesError(f"--host {host} is not an address of this machine, so nothing can listen on it (this "
+                        f"machine's addresses: {', '.join(machine_addresses()) or 'none found'}). Fix: one of "
+                        f"those, or 0.0.0.0 for all of them.")
+
+
+def machine_interfaces() -> list:
+    """This machine's addresses with their networks (``ip -j addr``: iproute2, on every Linux)."""
+    try:
+        listed = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        raise ServicesError("cannot list this machine's addresses: `ip` is missing. Fix: apt-get install "
+                            "iproute2") from None
+    return [ipaddress.ip_interface(f"{entry['local']}/{entry['prefixlen']}")
+            for link in json.loads(listed.stdout or "[]") for entry in link.get("addr_info", [])
+            if "local" in entry and "prefixlen" in entry]
+
+
+def machine_addresses() -> list[str]:
+    return [str(interface.ip) for interface in machine_interfaces() if not interface.ip.is_link_local]
+
+
+def allowed_host_headers(host: str) -> list[str]:
+    """The Host headers the tracking server accepts (MLflow 3 refuses others with 403, against DNS
+    rebinding; its default allows loopback and RFC 1918 addresses only): loopback, the bound address
+    and, bound to every address, each address and name of this machine; each bare and with any port."""
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    if host in EVERY_ADDRESS:
+        names |= {url_host(address) for address in machine_addresses()} | {socket.gethostname(), socket.getfqdn()}
+    else:
+        names.add(url_host(host))
+    return sorted(pattern for name in names for pattern in (name, f"{name}:*"))
 
 
 def write_private(path: Path, text: str) -> None:

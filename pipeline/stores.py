@@ -115,7 +115,7 @@ def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
         # refused, timed out, wrong password, no such database, no right to create Optuna's tables
         reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
-                           f"{_storage_fix(reason)}") from None
+                           f"{_storage_fix(reason, url)}") from None
 
 
 def _storage_file(url: str) -> Path | None:
@@ -182,7 +182,14 @@ def _is_journal(path: Path) -> bool:
     return isinstance(record, dict) and "op_code" in record
 
 
-def _storage_fix(reason: str) -> str:
+def _storage_fix(reason: str, url: str = "") -> str:
+    if _no_way_there(reason):
+        return (f"check that this machine reaches {url_host(url)} (`ip route get {url_host(url)}`: a route, no "
+                f"firewall in between), or correct the host in STORAGE / OPTUNA_STORAGE.")
+    if "no pg_hba.conf entry" in reason:
+        return ("the database takes no logins from this machine's network: on its machine, start the services "
+                "with --host on an address of this machine's network (make services HOST=<address>), or add a "
+                "`host all all <network> scram-sha-256` line to its pg_hba.conf.")
     if "password" in reason or "authentication" in reason:
         return "correct the user and password in STORAGE / OPTUNA_STORAGE."
     if "does not exist" in reason:
@@ -193,6 +200,23 @@ def _storage_fix(reason: str) -> str:
         return "let the user create tables in the database (GRANT CREATE ON SCHEMA public TO user), or use its owner."
     return ("start the database, or correct the host and port (`make services` starts a local PostgreSQL; "
             "unset STORAGE / OPTUNA_STORAGE for the SQLite file under studies/).")
+
+
+def _no_way_there(reason: str) -> bool:
+    """The network cannot carry a connection to the host (no route, or nothing answers before the
+    timeout): the server may be fine; the fix is on the way to it."""
+    return any(words in reason.lower() for words in ("network is unreachable", "no route to host", "timeout expired",
+                                                     "timed out"))
+
+
+def url_host(url: str) -> str:
+    """The host a URL names (without user, password or port); the URL itself when it names none."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or url
+    except ValueError:
+        return url
 
 
 def database_problem(url: str, error: Exception) -> str:
@@ -312,14 +336,28 @@ def check_tracking_store() -> str:
 def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
     """Fail in seconds when the tracking server is down. MLflow's REST client retries a refused
     connection with backoff for about four minutes before it gives up: right for a blip in a long
-    study, wrong for a typo in the URI. Any HTTP answer (even 401 from a proxy) counts as there."""
-    from pipeline.network import health_answer
+    study, wrong for a typo in the URI. Any HTTP answer (even 401 from a proxy) counts as there, except
+    MLflow 3 refusing the Host header the URI makes clients send (403 on every API call)."""
+    from pipeline.network import health_answer, refuses_host_header
 
     try:
         health_answer(uri, timeout)
     except (OSError, ValueError) as error:  # refused, DNS, timeout, a malformed URI
         reason = getattr(error, "reason", error)
+        if _no_way_there(str(reason)):
+            host = url_host(uri)
+            raise TrackingStoreError(
+                f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: check that this machine "
+                f"reaches {host} (`ip route get {host}`: a route, no firewall in between), or correct "
+                f"{TRACKING_ENV}.") from None
         raise TrackingStoreError(
             f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: start it (`mlflow server "
             f"--backend-store-uri ...`), or unset {TRACKING_ENV} to use the local store under mlruns/."
         ) from None
+    if refuses_host_header(uri, timeout):
+        host = url_host(uri)
+        raise TrackingStoreError(
+            f"the MLflow tracking server at {redact(uri)} refuses requests addressed to {host} (403: MLflow 3 "
+            f"accepts only the Host headers of its --allowed-hosts). Fix: start it with "
+            f"MLFLOW_SERVER_ALLOWED_HOSTS={host},{host}:* (make services HOST={host} allows its address), or "
+            f"address it by a name it allows.")

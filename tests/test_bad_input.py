@@ -260,3 +260,45 @@ def test_services_in_a_folder_that_is_a_file_is_one_line(tmp_path, capsys, monke
     monkeypatch.setenv("SERVICES_DIR", str(tmp_path / "svc"))
     code, stderr = run_main(capsys, "services", "start")
     assert code == 1 and "SERVICES_DIR=" in one_error_line(stderr) and "is a file, not a folder" in stderr
+
+
+def test_services_on_an_address_this_machine_does_not_have_is_one_line_before_anything(tmp_path, capsys,
+                                                                                        monkeypatch):
+    # 192.0.2.99 (RFC 5737, documentation only) is compared with this machine's addresses, never contacted.
+    monkeypatch.setenv("SERVICES_DIR", str(tmp_path / "svc"))
+    code, stderr = run_main(capsys, "services", "start", "--host", "192.0.2.99")
+    line = one_error_line(stderr)
+    assert code == 1 and "--host 192.0.2.99 is not an address of this machine" in line and "127.0.0.1" in line
+    assert "Fix: one of those, or 0.0.0.0" in line
+    assert not (tmp_path / "svc").exists()  # nothing created, nothing started
+
+
+def test_a_tracking_server_that_refuses_the_host_clients_address_it_by_is_one_line():
+    """What MLflow 3's server does when the Host header is not among its --allowed-hosts (measured in
+    tests/test_hosts.py with the allowance left out): /health answers, every API call is 403."""
+    import http.server
+    import threading
+
+    from pipeline.stores import TrackingStoreError, check_tracking_server
+
+    class HostChecking(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            refused = self.path != "/health"
+            self.send_response(403 if refused else 200)
+            self.end_headers()
+            self.wfile.write(b"Invalid Host header - possible DNS rebinding attack detected" if refused else b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostChecking)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(TrackingStoreError) as raised:
+            check_tracking_server(uri, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "refuses requests addressed to 127.0.0.1" in str(raised.value)
+    assert "Fix: start it with MLFLOW_SERVER_ALLOWED_HOSTS=127.0.0.1,127.0.0.1:*" in str(raised.value)
