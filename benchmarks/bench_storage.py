@@ -57,6 +57,20 @@ def error_kind(error: BaseException) -> str:
     return type(error).__name__
 
 
+def in_processes(count: int, target, args: tuple, timeout: float) -> list:
+    """Run ``target(*args, results)`` in ``count`` forked processes (the parent's imports shared; each
+    opens its own connections) and gather what each puts on ``results``."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(*args, results)) for _ in range(count)]
+    for process in processes:
+        process.start()
+    gathered = [results.get(timeout=timeout) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    return gathered
+
+
 # Optuna ----------------------------------------------------------------------------------------
 
 
@@ -114,17 +128,9 @@ def run_optuna_cell(storage_url: str, workers: int, trials_per_worker: int, seco
 
     name = f"bench-{workers}-{time.time_ns()}"
     optuna.create_study(study_name=name, storage=open_storage(storage_url), direction="maximize")
-    context = multiprocessing.get_context("fork")  # optuna and SQLAlchemy imported once; each opens its own engine
-    results = context.Queue()
     started = time.time()
-    deadline = started + seconds
-    processes = [context.Process(target=optuna_worker, args=(storage_url, name, trials_per_worker, deadline, results))
-                 for _ in range(workers)]
-    for process in processes:
-        process.start()
-    gathered = [results.get(timeout=seconds + 120) for _ in processes]
-    for process in processes:
-        process.join(timeout=30)
+    gathered = in_processes(workers, optuna_worker, (storage_url, name, trials_per_worker, started + seconds),
+                            seconds + 120)
     wall = time.time() - started
     study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
@@ -180,16 +186,9 @@ def run_mlflow_cell(tracking_uri: str, workers: int, runs_per_worker: int, secon
 
     configure_mlflow()  # creates a new SQLite store's tables once, before the clock
     experiment_id = mlflow.MlflowClient().create_experiment(f"bench-{workers}-{time.time_ns()}")
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
     started = time.time()
-    processes = [context.Process(target=mlflow_worker, args=(tracking_uri, experiment_id, runs_per_worker,
-                                                             started + seconds, results)) for _ in range(workers)]
-    for process in processes:
-        process.start()
-    gathered = [results.get(timeout=seconds + 300) for _ in processes]
-    for process in processes:
-        process.join(timeout=30)
+    gathered = in_processes(workers, mlflow_worker, (tracking_uri, experiment_id, runs_per_worker, started + seconds),
+                            seconds + 300)
     wall = time.time() - started
     latencies = np.concatenate([np.asarray(latency) for latency, _, _ in gathered])
     finished = sum(count for _, _, count in gathered)
