@@ -20,7 +20,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install data train tune baseline evaluate-best compare dashboard ui serve services services-stop services-status \
-	test test-fast smoke bench clean
+	test test-fast smoke bench bench-tracking-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final
 bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test, the CNN's epoch and the fast-cnn recipe, MLflow's cost
 	$(PY) benchmarks/bench_train.py $(ARGS)
 	$(PY) benchmarks/bench_tracking.py
+
+bench-tracking-scale: data ## RUNS synthetic trial runs (default 10000) in throwaway services: the MLflow UI, search_runs, promotion, evaluate-best, compare, a session's start
+	$(PY) benchmarks/bench_tracking_scale.py --runs $(or $(RUNS),10000)
 
 clean: ## remove the virtualenv, data/ and reports/ (keeps studies and mlruns)
 	rm -rf $(VENV) data reports
