@@ -21,7 +21,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install data train tune baseline evaluate-best compare dashboard ui serve services services-stop services-status \
-	test test-fast smoke bench bench-storage clean
+	test test-fast smoke bench bench-storage bench-tracking-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -97,6 +97,9 @@ bench: data ## trainer vs the notebook's loop and script, time to 90.30 % test, 
 
 bench-storage: data ## workers per store: Optuna (SQLite, journal, PostgreSQL) and MLflow (SQLite, server) under load, a worker's memory
 	$(PY) benchmarks/bench_storage.py --memory $(ARGS)
+
+bench-tracking-scale: data ## RUNS synthetic trial runs (default 10000) in throwaway services: the MLflow UI, search_runs, promotion, evaluate-best, compare, a session's start
+	$(PY) benchmarks/bench_tracking_scale.py --runs $(or $(RUNS),10000)
 
 clean: ## remove the virtualenv, data/ and reports/ (keeps studies and mlruns)
 	rm -rf $(VENV) data reports

@@ -8,6 +8,7 @@ between sessions do not count and parallel workers are not counted twice.
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class StudyRecord:
 
 
 def study_names(storage) -> list[str]:
-    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    """The names alone: optuna.get_all_study_summaries would read every trial of every study to count them."""
+    return sorted(optuna.get_all_study_names(storage))
 
 
 def describe(study: optuna.Study, rungs: list[int] | None = None) -> StudyRecord:
@@ -77,14 +79,15 @@ def describe(study: optuna.Study, rungs: list[int] | None = None) -> StudyRecord
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]
+    busy_until = busy_seconds_until(spans, [end for _, end in spans])
     curve, best, epochs_spent = [], None, 0
-    for trial in trials:
+    for trial, busy in zip(trials, busy_until):
         # Epochs spent by every trial that has ended, failed ones too: what the study has paid so far.
         epochs_spent += trial.user_attrs.get(attrs.EPOCHS_RUN, len(trial.intermediate_values))
         if trial.state == TrialState.COMPLETE and (best is None or (trial.value > best) == maximize):
             best = trial.value
         if best is not None:
-            curve.append((busy_seconds(spans, until=trial.datetime_complete.timestamp()), epochs_spent, best))
+            curve.append((busy, epochs_spent, best))
     epochs_run, epochs_unpruned = epoch_counts(trials)
     rungs = rungs or about.get(attrs.STUDY_RUNGS, [])
     near = next(((s, e) for s, e, b in curve if abs(best - b) <= NEAR_BEST + 1e-12), (None, None))
@@ -97,6 +100,27 @@ def describe(study: optuna.Study, rungs: list[int] | None = None) -> StudyRecord
         values=[t.value for t in trials if t.state == TrialState.COMPLETE], group=study_group(study), kind=kind,
         seed=about.get(attrs.STUDY_SEED), against_default=against_default(trials) if kind == "search" else None,
         pruning=rung_report(trials, rungs) if rungs else None)
+
+
+def busy_seconds_until(spans: list[tuple[float, float]], moments: list[float]) -> list[float]:
+    """``summary.busy_seconds(spans, until=m)`` for each moment m, from one pass over the spans: the
+    union of the intervals is merged once, then each moment is a binary search into it. Called per
+    trial, busy_seconds sorts every span again: 13 s for a study of 10,000 trials."""
+    merged: list[list[float]] = []  # the union of the spans: disjoint, sorted
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [start for start, _ in merged]
+    before = [0.0]  # busy seconds before each merged interval
+    for start, end in merged:
+        before.append(before[-1] + end - start)
+    result = []
+    for moment in moments:
+        i = bisect.bisect_left(starts, moment)  # intervals that start before the moment
+        result.append(before[i - 1] + max(0.0, min(merged[i - 1][1], moment) - merged[i - 1][0]) if i else 0.0)
+    return result
 
 
 def study_group(study: optuna.Study) -> str:

@@ -27,14 +27,15 @@ def study_family(spec: StudySpec) -> str:
 def check_study_matches(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
     """Refuse to add this file's trials to a study of the same name that trains another model family
     (two files with one stem, say): its best trial would compare an MLP with a CNN."""
-    existing = next((s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-                     if s.study_name == spec.name), None)
-    if existing is None:
+    # The study's own row and attributes: optuna.get_all_study_summaries would read every trial of every study.
+    try:
+        existing = storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name))
+    except KeyError:
         return
-    theirs = existing.user_attrs.get(attrs.STUDY_MODEL_FAMILY)
+    theirs = existing.get(attrs.STUDY_MODEL_FAMILY)
     if theirs is not None and theirs != study_family(spec):
         raise StudyFileError(f"{spec.path}: the storage already holds a study {spec.name!r} of the {theirs} family "
-                             f"(from {existing.user_attrs.get(attrs.STUDY_FILE, 'another file')}), and this file "
+                             f"(from {existing.get(attrs.STUDY_FILE, 'another file')}), and this file "
                              f"trains {study_family(spec)}. Fix: rename the file (the study takes its name), or use "
                              f"another storage.")
 
@@ -53,14 +54,28 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
                        (attrs.BASELINE_OF, spec.baseline_of)):
         if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
-    if not study.get_trials(deepcopy=False):
+    # A study of thousands of trials is read here by queries (its first trial, its failed ones), not
+    # loaded whole: the session's workers load it once, for the sampler.
+    study_id = storage.get_study_id_from_name(spec.name)
+    if not has_trials(storage, study_id):
         for params in warm_start_params(spec, storage):
             study.enqueue_trial(params, skip_if_exists=True)
         for i, params in enumerate(spec.enqueue):  # the first is the default every result is measured against
             study.enqueue_trial(params, user_attrs={attrs.DEFAULT_CONFIGURATION: True} if i == 0 else None,
                                 skip_if_exists=True)
-    requeue_interrupted(study)
+    failed = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,))
+    if any(t.user_attrs.get(attrs.INTERRUPTED) for t in failed):
+        requeue_interrupted(study)
     return study
+
+
+def has_trials(storage: optuna.storages.BaseStorage, study_id: int) -> bool:
+    """Whether the study has a trial, from one indexed row: trial numbers start at 0."""
+    try:
+        storage.get_trial_id_from_study_id_trial_number(study_id, 0)
+        return True
+    except KeyError:
+        return False
 
 
 def warm_start_params(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[dict]:
@@ -70,13 +85,16 @@ def warm_start_params(spec: StudySpec, storage: optuna.storages.BaseStorage) -> 
         return []
     name, wanted = spec.warm_start.study, spec.warm_start.best
     try:
-        earlier = optuna.load_study(study_name=name, storage=storage)
+        earlier = storage.get_study_id_from_name(name)
     except KeyError:
         print(f"note: warm start: no study {name!r} in this storage yet; starting from the study file alone",
               flush=True)
         return []
-    complete = sorted(earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                      key=lambda t: t.value, reverse=earlier.direction == optuna.study.StudyDirection.MAXIMIZE)
+    # Its complete trials only, selected by the database (the storage itself, not a Study: a Study's cache
+    # loads every trial first, and an earlier study may hold thousands of pruned ones).
+    maximize = storage.get_study_directions(earlier)[0] == optuna.study.StudyDirection.MAXIMIZE
+    complete = sorted(storage.get_all_trials(earlier, deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: t.value, reverse=maximize)
     chosen = []  # what this study searches of each; what it searches and the earlier one did not is sampled
     for params in (spec.in_space(t.params) for t in complete):
         if params and spec.fits(params) and params not in chosen:
