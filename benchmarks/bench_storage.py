@@ -197,6 +197,31 @@ def run_mlflow_cell(tracking_uri: str, workers: int, runs_per_worker: int, secon
             "call_p99": _ms(latencies, 99), "errors": dict(errors), "wall": wall}
 
 
+def server_call_latencies(tracking_uri: str, calls: int = 20) -> dict[str, float]:
+    """Median ms of single calls to the tracking server, one client, nothing else running: three of
+    MLflow's client calls, and a bare GET and POST with `requests` (what the REST layer adds)."""
+    import mlflow
+    import requests
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment(f"calls-{time.time_ns()}")).info.run_id
+    session = requests.Session()
+    api = f"{tracking_uri}/api/2.0/mlflow/runs"
+    timed = {"get_run": lambda: client.get_run(run_id), "set_tag": lambda: client.set_tag(run_id, "k", "v"),
+             "log_metric": lambda: client.log_metric(run_id, "m", 1.0),
+             "requests GET": lambda: session.get(f"{api}/get", params={"run_id": run_id}),
+             "requests POST": lambda: session.post(f"{api}/set-tag", json={"run_id": run_id, "key": "k", "value": "v"})}
+    medians = {}
+    for name, call in timed.items():
+        seconds = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - started)
+        medians[name] = _ms(np.asarray(seconds), 50)
+    return medians
+
+
 # Memory ----------------------------------------------------------------------------------------
 
 
@@ -264,7 +289,7 @@ def main() -> None:
     parser.add_argument("--tracking", default="sqlite,server", help="MLflow stores to load ('' for none)")
     parser.add_argument("--trials", type=int, default=12, help="trials per worker (Optuna)")
     parser.add_argument("--runs", type=int, default=6, help="runs per worker (MLflow)")
-    parser.add_argument("--seconds", type=float, default=60, help="time limit of one cell")
+    parser.add_argument("--seconds", type=float, default=45, help="time limit of one cell")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of a real make tune worker")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
@@ -308,6 +333,10 @@ def main() -> None:
                 print(f"| {store} | {workers} | {cell['per_second']:.1f} ({cell['finished']} in {cell['wall']:.0f} s) "
                       f"| {cell['call_p50']:.0f} / {cell['call_p99']:.0f} | {format_errors(cell['errors'])} |",
                       flush=True)
+        if "server" in tracking:
+            medians = server_call_latencies(services.tracking_uri(state))
+            print("\nOne call to the tracking server, median of 20 (ms): "
+                  + ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items()), flush=True)
         if args.memory:
             memory = worker_peak_memory(folder)
             print(f"\nMemory of a real `make tune WORKERS=2` (mlp, real data): session process "
