@@ -127,7 +127,10 @@ def run_optuna_cell(storage_url: str, workers: int, trials_per_worker: int, seco
     from pipeline.stores import open_storage
 
     name = f"bench-{workers}-{time.time_ns()}"
-    optuna.create_study(study_name=name, storage=open_storage(storage_url), direction="maximize")
+    storage = open_storage(storage_url)
+    optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    if hasattr(storage, "engine"):
+        storage.engine.dispose()  # forked workers open their own: hand them no connection
     started = time.time()
     gathered = in_processes(workers, optuna_worker, (storage_url, name, trials_per_worker, started + seconds),
                             seconds + 120)
@@ -178,14 +181,19 @@ def mlflow_worker(tracking_uri: str, experiment_id: str, runs: int, deadline: fl
     results.put((latencies, dict(errors), finished))
 
 
+def new_experiment(tracking_uri: str, name: str) -> str:
+    """Create the store's tables (a new SQLite store: once, before the clock) and an experiment, in a
+    process of its own: the workers are forked from this one, which must hand them no SQLite
+    connection (MLflow caches its store, connections included, per URI)."""
+    script = ("import sys, mlflow\nfrom pipeline.stores import configure_mlflow\nconfigure_mlflow()\n"
+              "print(mlflow.MlflowClient().create_experiment(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", script, name], env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()[-1]
+
+
 def run_mlflow_cell(tracking_uri: str, workers: int, runs_per_worker: int, seconds: float) -> dict:
-    import mlflow
-
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    from pipeline.stores import configure_mlflow
-
-    configure_mlflow()  # creates a new SQLite store's tables once, before the clock
-    experiment_id = mlflow.MlflowClient().create_experiment(f"bench-{workers}-{time.time_ns()}")
+    experiment_id = new_experiment(tracking_uri, f"bench-{workers}-{time.time_ns()}")
     started = time.time()
     gathered = in_processes(workers, mlflow_worker, (tracking_uri, experiment_id, runs_per_worker, started + seconds),
                             seconds + 300)
@@ -319,7 +327,7 @@ def main() -> None:
                        "journal": str(folder / f"optuna-{workers}.journal"),
                        "postgresql": services.database_url("optuna", state) if services else ""}[store]
                 cell = run_optuna_cell(url, workers, args.trials, args.seconds)
-                print(f"| {store} | {workers} | {cell['per_second']:.1f} ({cell['finished']} in {cell['wall']:.0f} s) "
+                print(f"| {store} | {workers} | {cell['per_second']:.1f} ({cell['finished']} in {cell['wall']:.1f} s) "
                       f"| {cell['ask_p50']:.0f} / {cell['ask_p99']:.0f} | {cell['tell_p50']:.0f} / "
                       f"{cell['tell_p99']:.0f} | {cell['report_p50']:.1f} / {cell['report_p99']:.0f} | "
                       f"{format_errors(cell['errors'])} | {cell['running']} |", flush=True)
@@ -332,7 +340,7 @@ def main() -> None:
                 uri = (services.tracking_uri(state) if store == "server"
                        else f"sqlite:///{folder / f'mlflow-{workers}.db'}")
                 cell = run_mlflow_cell(uri, workers, args.runs, args.seconds)
-                print(f"| {store} | {workers} | {cell['per_second']:.1f} ({cell['finished']} in {cell['wall']:.0f} s) "
+                print(f"| {store} | {workers} | {cell['per_second']:.1f} ({cell['finished']} in {cell['wall']:.1f} s) "
                       f"| {cell['call_p50']:.0f} / {cell['call_p99']:.0f} | {format_errors(cell['errors'])} |",
                       flush=True)
         if "server" in tracking:

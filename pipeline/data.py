@@ -241,6 +241,10 @@ class Splits:
     val_labels: torch.Tensor
     mean: float
     std: float
+    # Which images each side holds, as digests of the dataset's checksum and the split's indices: the
+    # same for two runs only when they saw the same images ("" for a dataset built in memory).
+    train_digest: str = ""
+    val_digest: str = ""
 
     def to(self, device: torch.device | str) -> Splits:
         # Tensor.to returns the tensor itself when it is already there: calling this per trial is free.
@@ -253,18 +257,40 @@ class Splits:
         return -self.mean / self.std
 
 
-def split_inputs(dataset: FashionMNIST, splits: Splits, *, val_size: int, train_subset: int = 0) -> list:
-    """The training and validation splits as MLflow dataset inputs (experiments.dataset_input)."""
-    from pipeline.experiments import dataset_input
+@dataclass(frozen=True)
+class DataSeen:
+    """What a run saw of the dataset in one context (training, validation, test), for its lineage:
+    experiments.dataset_input turns it into an MLflow dataset input."""
 
+    context: str
+    images: int
+    digest: str
+    cut: str  # how this part was taken from the dataset's files, in words
+
+
+def data_seen(dataset: FashionMNIST, splits: Splits, *, val_size: int, train_subset: int = 0) -> list[DataSeen]:
+    """The training and validation splits a trial saw."""
     cut = f"stratified, seed {SPLIT_SEED}, val_size {val_size}"
     if train_subset:
         cut += f", train_subset {train_subset}"
     total = len(dataset.train_labels)
-    return [dataset_input(dataset, "training", len(splits.train_labels), f"train: {total} training images less "
-                                                                          f"validation ({cut})"),
-            dataset_input(dataset, "validation", len(splits.val_labels), f"validation: of {total} training "
-                                                                            f"images ({cut})")]
+    return [DataSeen("training", len(splits.train_labels), splits.train_digest,
+                     f"train: {total} training images less validation ({cut})"),
+            DataSeen("validation", len(splits.val_labels), splits.val_digest, f"validation: of {total} training "
+                                                                                 f"images ({cut})")]
+
+
+def test_seen(dataset: FashionMNIST) -> DataSeen:
+    """The test split an evaluation saw: all of it."""
+    images = len(dataset.test_labels)
+    return DataSeen("test", images, _digest(dataset.checksum, "test"), f"test: the {images} test images")
+
+
+def _digest(checksum: str, part: str, indices: np.ndarray | None = None) -> str:
+    content = hashlib.sha256(f"{checksum}:{part}:".encode())
+    if indices is not None:
+        content.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    return content.hexdigest()[:16]
 
 
 def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) -> Splits:
@@ -293,6 +319,8 @@ def make_splits(dataset: FashionMNIST, *, val_size: int, train_subset: int = 0) 
         val_labels=dataset.train_labels[val_idx],
         mean=mean,
         std=std,
+        train_digest=_digest(dataset.checksum, "train", train_idx) if dataset.checksum else "",
+        val_digest=_digest(dataset.checksum, "validation", val_idx) if dataset.checksum else "",
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import NOTEBOOK_TEST_ACCURACY
-from pipeline.data import CLASSES, load_fashion_mnist
+from pipeline.data import CLASSES, load_fashion_mnist, test_seen
 from pipeline.experiments import dataset_input
 from pipeline.metrics import CALIBRATION_BINS, classification_metrics
 from pipeline.paths import REPORTS_DIR
@@ -62,8 +62,7 @@ def evaluate_registered(name: str = REGISTERED_MODEL, *, alias: str | None = CHA
     result["report"] = str(folder / "report.html")
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))
     (folder / "report.html").write_text(render_report(result, images, labels, predictions, probabilities))
-    test_input = dataset_input(dataset, "test", len(labels), f"test: the {len(labels)} test images")
-    result["mlflow_run_id"] = log_evaluation_run(result, folder, inputs=[test_input])
+    result["mlflow_run_id"] = log_evaluation_run(result, folder, inputs=[dataset_input(dataset, test_seen(dataset))])
     return result
 
 

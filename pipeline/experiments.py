@@ -4,7 +4,6 @@ Light to import (no torch): `make compare` logs through it too."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -70,19 +69,18 @@ def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, 
                      params=[Param(k, param_value(v)) for k, v in (params or {}).items()])
 
 
-def dataset_input(dataset, context: str, images: int, cut: str):
-    """The data a run saw in ``context`` (training, validation or test) as an MLflow dataset input: the
-    run page's Datasets list. Its digest names the content: the dataset's SHA-256 over its four files
-    with how this split was cut from them (``cut``), so two runs share a digest only when they saw the
-    same images. The profile carries the size, the cut and the full checksum."""
+def dataset_input(dataset, seen):
+    """What a run saw of ``dataset`` (a data.DataSeen) as an MLflow dataset input: the run page's
+    Datasets. Its digest names the images (the dataset's checksum with the split's indices); its
+    profile carries their count, the cut in words and the dataset's full checksum."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    digest = hashlib.sha256(f"{dataset.checksum}:{cut}".encode()).hexdigest()[:12]
     entity = Dataset(name="fashion-mnist" if dataset.kind == "official" else f"custom:{dataset.source.name}",
-                     digest=digest, source_type="local", source=json.dumps({"uri": str(dataset.source)}),
-                     profile=json.dumps({"images": images, "split": cut, "dataset_checksum": dataset.checksum}))
-    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                     digest=seen.digest, source_type="local", source=json.dumps({"uri": str(dataset.source)}),
+                     profile=json.dumps({"images": seen.images, "split": seen.cut,
+                                         "dataset_checksum": dataset.checksum}))
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, seen.context)])
 
 
 def log_confusion_matrix(client, run_id: str, matrix, title: str, stem: str) -> None:

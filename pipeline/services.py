@@ -87,12 +87,12 @@ class Services:
     def database_url(self, database: str, state: dict | None = None) -> str:
         """The URL clients use (the bound address, or loopback when bound to every address)."""
         state = state or self.state()
-        host = url_host(client_address(state.get("host", "127.0.0.1")))
+        host = host_in_url(client_address(state.get("host", "127.0.0.1")))
         return f"postgresql://{DB_USER}:{state['password']}@{host}:{state['pg_port']}/{database}"
 
     def tracking_uri(self, state: dict | None = None) -> str:
         state = state or self.state()
-        return f"http://{url_host(client_address(state.get('host', '127.0.0.1')))}:{state['mlflow_port']}"
+        return f"http://{host_in_url(client_address(state.get('host', '127.0.0.1')))}:{state['mlflow_port']}"
 
     # PostgreSQL -------------------------------------------------------------------------------
 
@@ -140,8 +140,11 @@ class Services:
         """Replace the marked block of pg_hba.conf with a password (scram-sha-256) rule per network;
         no block for loopback (initdb's own rules cover it). The file keeps its owner (postgres)."""
         hba = self.pgdata / "pg_hba.conf"
+        lines = hba.read_text().splitlines()
+        if HBA_BEGIN in lines and HBA_END not in lines[lines.index(HBA_BEGIN):]:
+            lines.remove(HBA_BEGIN)  # a block cut short by a hand edit: keep what follows its start
         kept, inside = [], False
-        for line in hba.read_text().splitlines():
+        for line in lines:
             if line == HBA_BEGIN:
                 inside = True
             elif line == HBA_END:
@@ -297,7 +300,7 @@ class Services:
         postgres = "running" if self.postgres_running() else "stopped"
         server = "running" if self.server_pid() and self.server_healthy(state) else "stopped"
         host = state.get("host", "127.0.0.1")
-        bound = url_host(host) + (" (every address of this machine)" if host in EVERY_ADDRESS else "")
+        bound = host_in_url(host) + (" (every address of this machine)" if host in EVERY_ADDRESS else "")
         networks = state.get("logins_from") or []
         logins = f"; password logins from {', '.join(networks)}" if networks else ""
         return [f"PostgreSQL on {bound}:{state['pg_port']}{logins}: {postgres} (data in {self.pgdata})",
@@ -308,10 +311,12 @@ class Services:
 def client_address(host: str) -> str:
     """The address clients put in their URLs: the bound one, or loopback when bound to every address
     (other machines then use one of this machine's addresses, which the server cannot know)."""
-    return "127.0.0.1" if host in EVERY_ADDRESS else host
+    if host == "::":
+        return "::1"  # PostgreSQL's IPv6 sockets take IPv6 only: 127.0.0.1 would not reach it
+    return "127.0.0.1" if host == "0.0.0.0" else host
 
 
-def url_host(host: str) -> str:
+def host_in_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
 
 
@@ -364,9 +369,9 @@ def allowed_host_headers(host: str) -> list[str]:
     and, bound to every address, each address and name of this machine; each bare and with any port."""
     names = {"localhost", "127.0.0.1", "[::1]"}
     if host in EVERY_ADDRESS:
-        names |= {url_host(address) for address in machine_addresses()} | {socket.gethostname(), socket.getfqdn()}
+        names |= {host_in_url(address) for address in machine_addresses()} | {socket.gethostname(), socket.getfqdn()}
     else:
-        names.add(url_host(host))
+        names.add(host_in_url(host))
     return sorted(pattern for name in names for pattern in (name, f"{name}:*"))
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pipeline.config import TrainConfig
 from pipeline.data import Splits
 from pipeline.errors import first_line
-from pipeline.experiments import ensure_experiment, environment_tags, log_confusion_matrix, log_values
+from pipeline.experiments import dataset_input, ensure_experiment, environment_tags, log_confusion_matrix, log_values
 from pipeline.search import attrs
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
@@ -55,7 +55,7 @@ class TrialTracker:
 
     @_timed
     def start(self, trial_number: int, config: TrainConfig, sampled: dict, tags: dict[str, str], *,
-              inputs=()) -> str:
+              dataset=None, seen=()) -> str:
         """Open the trial's run with the full config and the sampled values as parameters, and the data
         it trains and validates on as its dataset inputs."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -67,8 +67,8 @@ class TrialTracker:
         self.run_id = run.info.run_id
         log_values(self.client, self.run_id, {},
                    params={**asdict(config), **{f"sampled.{k}": v for k, v in sampled.items()}})
-        if inputs:
-            self.client.log_inputs(self.run_id, datasets=list(inputs))
+        if seen:  # the data.DataSeen of ``dataset`` this trial trains and validates on
+            self.client.log_inputs(self.run_id, datasets=[dataset_input(dataset, part) for part in seen])
         return self.run_id
 
     def trial_attributes(self) -> dict:
@@ -133,14 +133,14 @@ class TrialTracker:
         except Exception as error:  # the trial is failing already: its reason matters more than its last epochs
             print(f"note: run {self.run_id}: its last epoch metrics were not all written ({first_line(error)})",
                   flush=True)
-        self.client.set_tag(self.run_id, "fail_reason", reason[:5000])
+        self.client.set_tag(self.run_id, attrs.FAIL_REASON, reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
 
 
 class NullTrialTracker:
     """Tracking off: a trial tracker with the same methods, doing nothing."""
 
-    def start(self, trial_number, config, sampled, tags, *, inputs=()):
+    def start(self, trial_number, config, sampled, tags, *, dataset=None, seen=()):
         return None
 
     def trial_attributes(self):
@@ -195,7 +195,7 @@ class TrialTrackers:
             client = mlflow.MlflowClient()
             if client.get_run(run_id).info.status != "RUNNING":
                 return
-            client.set_tag(run_id, "fail_reason",
+            client.set_tag(run_id, attrs.FAIL_REASON,
                            reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
             client.set_terminated(run_id, "FAILED")
         except Exception as error:  # the tracking store is away: Optuna's retry of the trial must still happen
@@ -227,7 +227,7 @@ class SessionTracker:
             print(line, flush=True)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         run = self.client.create_run(self.experiment_id, run_name=f"{study_name} session {stamp}",
-                                     tags={**tags, **identity_tags(), "study": study_name, "kind": SESSION_KIND})
+                                     tags={**tags, **identity_tags(interval), "study": study_name, "kind": SESSION_KIND})
         self.run_id = run.info.run_id
         self.heartbeat = SessionHeartbeat(self.client, self.run_id, interval).start()
         self.tags = tags
@@ -257,9 +257,8 @@ class SessionTracker:
         from pipeline.figures import optuna_figures, self_contained_html
         from pipeline.study_figures import study_images
 
-        self.heartbeat.stop()
         if study is None:
-            self.client.set_terminated(self.run_id, status)
+            self._end(status)
             return
         page = self_contained_html(optuna_figures(study), f"Optuna study {study.study_name}")
         self.client.log_text(self.run_id, page, "optuna/figures.html")  # interactive, offline: plotly.js inside
@@ -273,6 +272,12 @@ class SessionTracker:
                        {"best_val_accuracy": best["val_accuracy"], "epochs_run": summary["epochs_run"],
                         "epochs_unpruned": summary["epochs_unpruned"]},
                        params={**{f"best.{k}": v for k, v in best["params"].items()}, "best.trial": best["number"]})
+        self._end(status)
+
+    def _end(self, status: str) -> None:
+        """Stop beating only now: the figures above can take minutes on a large study, and a session
+        starting meanwhile must not take this one for gone."""
+        self.heartbeat.stop()
         self.client.set_terminated(self.run_id, status)
 
 

@@ -71,6 +71,12 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bigger_synthetic_dir(tmp_path_factory) -> Path:
+    """10,000 synthetic training images: trials of a few seconds, long enough to be killed mid-way."""
+    return write_dataset(tmp_path_factory.mktemp("bigger-synthetic"), per_class_train=1000)
+
+
+@pytest.fixture(scope="session")
 def synthetic_dataset(synthetic_dir) -> FashionMNIST:
     from pipeline.data import load_fashion_mnist
 

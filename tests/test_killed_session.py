@@ -8,7 +8,6 @@ sessions starting at the same moment on a fresh MLflow store both start.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,11 @@ from optuna.trial import TrialState
 
 from pipeline.data import CUSTOM_ENV_VAR
 from pipeline.search import attrs
-from pipeline.session_runs import ENDED_BECAUSE, PID, SESSION_KIND, TRIAL_FAILED_BECAUSE
+from pipeline.session_runs import ENDED_BECAUSE, PID, SESSION_KIND
 from pipeline.stores import open_storage
-from tests.conftest import write_dataset
 from tests.shrunk import LEARNS, tune_command
 
 EPOCHS = 8
-
-
-@pytest.fixture(scope="module")
-def bigger_synthetic_dir(tmp_path_factory):
-    """10,000 synthetic training images: trials of a few seconds, long enough to be killed mid-way."""
-    return write_dataset(tmp_path_factory.mktemp("bigger-synthetic"), per_class_train=1000)
 
 
 def alive(pid: int) -> bool:
@@ -79,7 +71,7 @@ def kill_a_session_then_run_the_next(command: list[str], env: dict, storage: str
     assert parent.info.status == "KILLED" and f"process {victim.pid}" in parent.data.tags[ENDED_BECAUSE]
     for run_id in left:  # FAILED, as their trials are (a trial run's KILLED means pruned)
         run = client.get_run(run_id)
-        assert run.info.status == "FAILED" and f"process {victim.pid}" in run.data.tags[TRIAL_FAILED_BECAUSE]
+        assert run.info.status == "FAILED" and f"process {victim.pid}" in run.data.tags[attrs.FAIL_REASON]
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
@@ -97,6 +89,38 @@ def test_a_killed_session_leaves_nothing_running_once_the_next_one_starts(tmp_pa
     env = {**synthetic_env, CUSTOM_ENV_VAR: str(bigger_synthetic_dir), "OPTUNA_HEARTBEAT_SECONDS": "1"}
     command = tune_command(tmp_path, "mlp", "--trials", "4", epochs=EPOCHS)
     kill_a_session_then_run_the_next(command, env, storage, workers)
+
+
+@pytest.mark.slow
+def test_a_session_beside_a_killed_one_fails_its_trial_as_stale_and_marks_the_run(tmp_path, bigger_synthetic_dir,
+                                                                                 synthetic_env):
+    """The other way a killed session's trial run ends: a session already running on the study, which
+    found it when it started alive, sees the trial stop beating, fails it and marks its run FAILED."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**synthetic_env, CUSTOM_ENV_VAR: str(bigger_synthetic_dir), "OPTUNA_HEARTBEAT_SECONDS": "1"}
+    study = optuna.create_study(study_name="mlp", storage=open_storage(storage), direction="maximize")
+    for _ in range(8):
+        study.enqueue_trial(LEARNS)
+    command = tune_command(tmp_path, "mlp", "--trials", "8", epochs=EPOCHS)
+    survivor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, target = time.time() + 180, None
+    while target is None and time.time() < deadline and victim.poll() is None:
+        target = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t.user_attrs.get(attrs.WORKER, "").endswith(f":{victim.pid}")
+                       and len(t.intermediate_values) >= 2), None)
+        time.sleep(0.1)
+    assert target is not None, "the victim never trained a trial for 2 epochs"
+    victim.kill()
+    victim.wait()
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0 and "Traceback" not in err, out + err
+
+    run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(target.user_attrs[attrs.MLFLOW_RUN_ID])
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags[attrs.FAIL_REASON]
+    trials = study.get_trials(deepcopy=False)
+    assert trials[target.number].state == TrialState.FAIL
+    assert [t.state for t in trials if t.system_attrs.get("failed_trial") == target.number] == [TrialState.COMPLETE]
 
 
 def test_two_sessions_starting_at_once_on_a_new_mlflow_store_both_start(tmp_path):
@@ -117,28 +141,39 @@ def test_two_sessions_starting_at_once_on_a_new_mlflow_store_both_start(tmp_path
 
 
 def test_a_parent_run_is_ended_only_when_its_session_is_gone(tmp_path):
-    """On this host a parent run's process tells; from another host only its heartbeat can: ended after
-    SESSION_GRACE_BEATS silent intervals, never while it beats. A trial run goes with its parent."""
+    """On this machine a parent run's process tells, at once, and alone (however late its beats); from
+    another machine only its heartbeat can: ended after SESSION_GRACE_BEATS of its own intervals
+    without a beat. A trial run goes with its parent."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline.session_runs import HEARTBEAT, HOST, SESSION_GRACE_BEATS, end_runs_of_gone_sessions
+    from pipeline.session_runs import (
+        HEARTBEAT,
+        INTERVAL,
+        SESSION_GRACE_BEATS,
+        end_runs_of_gone_sessions,
+        identity_tags,
+    )
 
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment("mlp")
     interval, now = 10, time.time()
-    finished = subprocess.Popen(["true"])
-    finished.wait()  # its process id is free now
-    dead_pid = finished.pid
-    sessions = {  # name: (host, pid, seconds since the last beat)
-        "here, alive": (socket.gethostname(), os.getpid(), 0),
-        "here, process gone": (socket.gethostname(), dead_pid, 0),
-        "elsewhere, beating": ("other-host", 1, SESSION_GRACE_BEATS * interval - 30),
-        "elsewhere, silent": ("other-host", 1, SESSION_GRACE_BEATS * interval + 30),
+    finished = subprocess.Popen(["sleep", "0"])
+    finished.wait()  # its process is gone now
+    here, elsewhere = identity_tags(interval), {PID: "1", "session_machine": "another-boot:4026531836"}
+    grace = SESSION_GRACE_BEATS * interval
+    sessions = {  # name: the parent run's tags
+        "here, alive, silent for long": {**here, HEARTBEAT: f"{now - 10 * grace:.0f}"},
+        "here, process gone, beating": {**here, PID: str(finished.pid)},
+        "elsewhere, beating": {**elsewhere, HEARTBEAT: f"{now - grace + 30:.0f}"},
+        "elsewhere, silent": {**elsewhere, HEARTBEAT: f"{now - grace - 30:.0f}"},
+        "elsewhere, beating slowly by its own setting": {**elsewhere, INTERVAL: "60",
+                                                          HEARTBEAT: f"{now - grace - 30:.0f}"},
+        "elsewhere, a tag edited by hand": {**elsewhere, HEARTBEAT: "yesterday"},  # the run's start then
     }
     parents, trials = {}, {}
-    for name, (host, pid, silent) in sessions.items():
-        parents[name] = client.create_run(experiment, run_name=name, tags={
-            "kind": SESSION_KIND, HOST: host, PID: str(pid), HEARTBEAT: f"{now - silent:.0f}"}).info.run_id
+    for name, tags in sessions.items():
+        parents[name] = client.create_run(experiment, run_name=name,
+                                          tags={"kind": SESSION_KIND, **tags}).info.run_id
         trials[name] = client.create_run(experiment, run_name=f"trial of {name}", tags={
             "trial": "0", MLFLOW_PARENT_RUN_ID: parents[name]}).info.run_id
 
@@ -146,7 +181,12 @@ def test_a_parent_run_is_ended_only_when_its_session_is_gone(tmp_path):
 
     status = {name: (client.get_run(parents[name]).info.status, client.get_run(trials[name]).info.status)
               for name in sessions}
-    assert status == {"here, alive": ("RUNNING", "RUNNING"), "here, process gone": ("KILLED", "FAILED"),
-                      "elsewhere, beating": ("RUNNING", "RUNNING"), "elsewhere, silent": ("KILLED", "FAILED")}
+    assert status == {"here, alive, silent for long": ("RUNNING", "RUNNING"),
+                      "here, process gone, beating": ("KILLED", "FAILED"),
+                      "elsewhere, beating": ("RUNNING", "RUNNING"),
+                      "elsewhere, silent": ("KILLED", "FAILED"),
+                      "elsewhere, beating slowly by its own setting": ("RUNNING", "RUNNING"),
+                      "elsewhere, a tag edited by hand": ("RUNNING", "RUNNING")}
     assert len(ended) == 4
     assert "stopped beating" in client.get_run(parents["elsewhere, silent"]).data.tags[ENDED_BECAUSE]
+    assert "is gone" in client.get_run(parents["here, process gone, beating"]).data.tags[ENDED_BECAUSE]

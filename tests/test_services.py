@@ -25,7 +25,7 @@ from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
 from pipeline.search import attrs
 from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
-from tests.conftest import free_port, write_dataset
+from tests.conftest import free_port
 from tests.shrunk import LEARNS, tune_command
 from tests.test_killed_session import kill_a_session_then_run_the_next
 
@@ -53,12 +53,6 @@ def services(tmp_path_factory):
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def bigger_synthetic_dir(tmp_path_factory):
-    """10,000 synthetic training images: trials long enough (a few seconds) to be killed mid-way."""
-    return write_dataset(tmp_path_factory.mktemp("bigger-synthetic"), per_class_train=1000)
 
 
 def fresh_database(services: Services, name: str) -> str:

@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from pipeline.data import make_splits
 from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
 from pipeline.search import attrs
 from pipeline.search.session import run_session
@@ -81,8 +82,8 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
 
 
 def test_each_trial_run_shows_the_data_it_trained_and_validated_on(tracked_study, synthetic_dataset):
-    """The run page's Datasets: training and validation, with a digest that is the same for every trial
-    cut the same way from the same files, and differs between the two splits."""
+    """The run page's Datasets: training and validation, each with a digest of the images it holds
+    (the dataset's checksum and the split's indices): the same for every trial on the same split."""
     _, study = tracked_study
     trial_runs, _ = runs_by_trial(mlflow.MlflowClient(), "mlp")
     seen = set()
@@ -94,7 +95,11 @@ def test_each_trial_run_shows_the_data_it_trained_and_validated_on(tracked_study
         assert profile["images"] == 200 and profile["dataset_checksum"] == synthetic_dataset.checksum
         assert json.loads(inputs["training"].profile)["images"] == len(synthetic_dataset.train_labels) - 200
         seen.add((inputs["training"].digest, inputs["validation"].digest))
-    assert len(seen) == 1  # every trial saw the same images
+    assert len(seen) == 1  # every trial saw the same images ...
+    splits = make_splits(synthetic_dataset, val_size=200)
+    assert seen == {(splits.train_digest, splits.val_digest)}  # ... these ones
+    other = make_splits(synthetic_dataset, val_size=300)
+    assert other.train_digest != splits.train_digest and other.val_digest != splits.val_digest
 
 
 def test_the_session_run_carries_optunas_figures_and_the_summary(tracked_study):

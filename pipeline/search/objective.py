@@ -17,7 +17,7 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from pipeline.checkpoints import NoCheckpoint, TrialCheckpoint
-from pipeline.data import FashionMNIST, Splits, make_splits, split_inputs
+from pipeline.data import FashionMNIST, Splits, data_seen, make_splits
 from pipeline.errors import first_line
 from pipeline.progress import NoBar
 from pipeline.search import attrs
@@ -54,15 +54,14 @@ class Objective:
         self.checkpoints = checkpoints  # per-epoch checkpoints, so a retried trial resumes (checkpoints.py)
         self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
-        self._inputs: dict[tuple[int, int], list] = {}  # the splits as MLflow dataset inputs
+        self._seen: dict[tuple[int, int], list] = {}  # what a trial on those splits sees, for its run's lineage
         self.current_trial: int | None = None  # the number of the trial running, or last run
 
     def splits_for(self, val_size: int, train_subset: int) -> Splits:
         key = (val_size, train_subset)
         if key not in self._splits:
             self._splits[key] = make_splits(self.dataset, val_size=val_size, train_subset=train_subset).to(self.device)
-            self._inputs[key] = split_inputs(self.dataset, self._splits[key], val_size=val_size,
-                                             train_subset=train_subset)
+            self._seen[key] = data_seen(self.dataset, self._splits[key], val_size=val_size, train_subset=train_subset)
         return self._splits[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -77,8 +76,8 @@ class Objective:
         with self.deferred():
             trial.set_user_attr(attrs.MAX_EPOCHS, config.epochs)  # what it runs unless pruned (--set may change it)
             trial.set_user_attr(attrs.WORKER, WORKER_NAME)  # which machine and process: sessions may share a study
-            tracker.start(trial.number, config, trial.params, self.run_tags,
-                          inputs=self._inputs[(config.val_size, config.train_subset)])
+            tracker.start(trial.number, config, trial.params, self.run_tags, dataset=self.dataset,
+                          seen=self._seen[(config.val_size, config.train_subset)])
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
             if resumed:
                 # The epochs an earlier run of these parameters finished: the pruner and the run see them too.

@@ -100,7 +100,11 @@ def _end_with_the_session() -> None:
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    # It fires when the thread that started us ends, not the process: the session starts its workers
+    # from its main thread, whose end is the session's.
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        print(f"note: this worker will not end with its session if that is killed ({os.strerror(ctypes.get_errno())})",
+              flush=True)
     if os.getppid() != multiprocessing.parent_process().pid:  # the session died before we asked
         os._exit(1)
 
