@@ -311,6 +311,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per study created
     os.environ.setdefault("OPTUNA_HEARTBEAT_SECONDS", "10")
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # As the pipeline's configure_mlflow: no "View run" line, and no get_run behind it, per ended run.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     folder = Path(tempfile.mkdtemp(prefix="bench-storage-", dir="/tmp"))  # reachable by the postgres user
     folder.chmod(0o755)
     services = None
