@@ -7,6 +7,7 @@ with a short sleep between them, so the storage is what is measured. Per store a
 trials per second, p50 / p99 of "ask" (from the previous trial's end to the objective's start:
 stale-trial check, ask, heartbeat start) and "tell" (from the objective's return to the trial's
 callback: tell, heartbeat stop) and of one `trial.report`, errors by kind, and trials left RUNNING.
+Rates count from the first worker's start of work (its store opened) to the last one's end.
 
 MLflow: N processes each log trial runs as the pipeline's trials do (a run with parameters, one
 batch of four metrics per epoch for ten epochs, a summary, the end), against a SQLite store and
@@ -71,6 +72,12 @@ def in_processes(count: int, target, args: tuple, timeout: float) -> list:
     return gathered
 
 
+def busy_wall(spans: list[tuple[float, float]]) -> float:
+    """Seconds from the first worker's start of work (its store opened) to the last one's end: the
+    rate then measures the store, not how fast processes start."""
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
 # Optuna ----------------------------------------------------------------------------------------
 
 
@@ -104,11 +111,13 @@ def optuna_worker(storage_url: str, study_name: str, trials: int, deadline: floa
 
     done = 0
     study = None
+    began = None
     while done < trials and time.time() < deadline:
         try:
             if study is None:
                 study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
                 last_end[0] = time.perf_counter()  # opening the storage is not an ask
+                began = began or time.time()
             before = len(marks["tell"])
             study.optimize(objective, n_trials=trials - done, timeout=max(0.0, deadline - time.time()),
                            callbacks=[told])
@@ -118,7 +127,7 @@ def optuna_worker(storage_url: str, study_name: str, trials: int, deadline: floa
             done += len(marks["tell"]) - before if study is not None else 0
             last_end[0] = time.perf_counter()
             time.sleep(0.05)
-    results.put((marks, dict(errors)))
+    results.put((marks, dict(errors), (began or time.time(), time.time())))
 
 
 def run_optuna_cell(storage_url: str, workers: int, trials_per_worker: int, seconds: float) -> dict:
@@ -131,14 +140,13 @@ def run_optuna_cell(storage_url: str, workers: int, trials_per_worker: int, seco
     optuna.create_study(study_name=name, storage=storage, direction="maximize")
     if hasattr(storage, "engine"):
         storage.engine.dispose()  # forked workers open their own: hand them no connection
-    started = time.time()
-    gathered = in_processes(workers, optuna_worker, (storage_url, name, trials_per_worker, started + seconds),
+    gathered = in_processes(workers, optuna_worker, (storage_url, name, trials_per_worker, time.time() + seconds),
                             seconds + 120)
-    wall = time.time() - started
+    wall = busy_wall([span for *_, span in gathered])
     study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    merged = {key: np.concatenate([np.asarray(m[key]) for m, _ in gathered]) for key in ("ask", "tell", "report")}
-    errors = sum((Counter(e) for _, e in gathered), Counter())
+    merged = {key: np.concatenate([np.asarray(m[key]) for m, *_ in gathered]) for key in ("ask", "tell", "report")}
+    errors = sum((Counter(e) for _, e, _ in gathered), Counter())
     return {"finished": states["COMPLETE"], "per_second": states["COMPLETE"] / wall, "running": states["RUNNING"],
             "failed": states["FAIL"], "errors": dict(errors), "wall": wall,
             **{f"{key}_p50": _ms(merged[key], 50) for key in merged}, **{f"{key}_p99": _ms(merged[key], 99)
@@ -153,7 +161,9 @@ def mlflow_worker(tracking_uri: str, experiment_id: str, runs: int, deadline: fl
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(tracking_uri)
+    client.get_experiment(experiment_id)  # the store opened (engine, schema check) before the clock
     latencies, errors, finished = [], Counter(), 0
+    began = time.time()
 
     def call(function, *args, **kwargs):
         started = time.perf_counter()
@@ -178,7 +188,7 @@ def mlflow_worker(tracking_uri: str, experiment_id: str, runs: int, deadline: fl
             finished += 1
         except Exception as error:  # noqa: BLE001
             errors[error_kind(error)] += 1
-    results.put((latencies, dict(errors), finished))
+    results.put((latencies, dict(errors), finished, (began, time.time())))
 
 
 def new_experiment(tracking_uri: str, name: str) -> str:
@@ -194,13 +204,12 @@ def new_experiment(tracking_uri: str, name: str) -> str:
 
 def run_mlflow_cell(tracking_uri: str, workers: int, runs_per_worker: int, seconds: float) -> dict:
     experiment_id = new_experiment(tracking_uri, f"bench-{workers}-{time.time_ns()}")
-    started = time.time()
-    gathered = in_processes(workers, mlflow_worker, (tracking_uri, experiment_id, runs_per_worker, started + seconds),
-                            seconds + 300)
-    wall = time.time() - started
-    latencies = np.concatenate([np.asarray(latency) for latency, _, _ in gathered])
-    finished = sum(count for _, _, count in gathered)
-    errors = sum((Counter(e) for _, e, _ in gathered), Counter())
+    gathered = in_processes(workers, mlflow_worker, (tracking_uri, experiment_id, runs_per_worker,
+                                                     time.time() + seconds), seconds + 300)
+    wall = busy_wall([span for *_, span in gathered])
+    latencies = np.concatenate([np.asarray(latency) for latency, *_ in gathered])
+    finished = sum(count for _, _, count, _ in gathered)
+    errors = sum((Counter(e) for _, e, _, _ in gathered), Counter())
     return {"finished": finished, "per_second": finished / wall, "call_p50": _ms(latencies, 50),
             "call_p99": _ms(latencies, 99), "errors": dict(errors), "wall": wall}
 
