@@ -325,7 +325,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_services(args: argparse.Namespace) -> int:
-    from pipeline.services import EVERY_ADDRESS, LOOPBACK, Services, machine_addresses, services_dir
+    from pipeline.service_addresses import EVERY_ADDRESS, LOOPBACK, machine_addresses
+    from pipeline.services import Services, services_dir
 
     services = Services(services_dir())
     if args.action == "stop":

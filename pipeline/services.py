@@ -14,14 +14,12 @@ runs as the `postgres` user.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,14 @@ from pathlib import Path
 from pipeline.errors import PipelineError, first_line
 from pipeline.network import free_port, health_answer
 from pipeline.paths import REPO_ROOT
+from pipeline.service_addresses import (
+    EVERY_ADDRESS,
+    LOOPBACK,
+    allowed_host_headers,
+    client_address,
+    host_in_url,
+    login_networks,
+)
 
 SERVICES_DIR_ENV = "SERVICES_DIR"
 DEFAULT_PG_PORT, DEFAULT_MLFLOW_PORT = 55432, 5050  # taken when free, else a free port
@@ -39,8 +45,6 @@ DB_USER = "pipeline"
 # features this pipeline does not use; on a small machine it costs more than the runs it tracks.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SERVER_START_SECONDS = 180  # the first start creates MLflow's tables (about 20 s on 2 cores)
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-EVERY_ADDRESS = ("0.0.0.0", "::")
 # pg_hba.conf: the remote-login rules live between these lines, replaced whole on every start, so a
 # cluster first started on loopback and later on a network takes that network's logins (and one moved
 # back to loopback no longer does). Lines outside the block are the user's and are kept.
@@ -306,73 +310,6 @@ class Services:
         return [f"PostgreSQL on {bound}:{state['pg_port']}{logins}: {postgres} (data in {self.pgdata})",
                 f"MLflow tracking server on http://{bound}:{state['mlflow_port']}: {server} "
                 f"(log {self.root / 'mlflow.log'})"]
-
-
-def client_address(host: str) -> str:
-    """The address clients put in their URLs: the bound one, or loopback when bound to every address
-    (other machines then use one of this machine's addresses, which the server cannot know)."""
-    if host == "::":
-        return "::1"  # PostgreSQL's IPv6 sockets take IPv6 only: 127.0.0.1 would not reach it
-    return "127.0.0.1" if host == "0.0.0.0" else host
-
-
-def host_in_url(host: str) -> str:
-    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-
-
-def login_networks(host: str) -> list[str]:
-    """The networks PostgreSQL takes password logins from when bound to ``host``: none beyond
-    loopback for loopback; every address for 0.0.0.0 (or ::); else the network of the interface
-    that holds the address (a bound address is one of this machine's, so its network is what the
-    user opened the services to). Raises ServicesError, naming this machine's addresses, when
-    ``host`` is not one of them."""
-    if host in LOOPBACK:
-        return []
-    if host in EVERY_ADDRESS:
-        return ["0.0.0.0/0", "::/0"]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        try:  # a name: the address it resolves to here
-            address = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0])
-        except (OSError, ValueError):
-            raise ServicesError(f"--host {host}: not an address, and no name this machine can resolve. Fix: one of "
-                                f"this machine's addresses ({', '.join(machine_addresses()) or 'none found'}), or "
-                                f"0.0.0.0 for all of them.") from None
-    for interface in machine_interfaces():
-        if interface.ip == address:
-            return [str(interface.network)]
-    raise ServicesError(f"--host {host} is not an address of this machine, so nothing can listen on it (this "
-                        f"machine's addresses: {', '.join(machine_addresses()) or 'none found'}). Fix: one of "
-                        f"those, or 0.0.0.0 for all of them.")
-
-
-def machine_interfaces() -> list:
-    """This machine's addresses with their networks (``ip -j addr``: iproute2, on every Linux)."""
-    try:
-        listed = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=10)
-    except FileNotFoundError:
-        raise ServicesError("cannot list this machine's addresses: `ip` is missing. Fix: apt-get install "
-                            "iproute2") from None
-    return [ipaddress.ip_interface(f"{entry['local']}/{entry['prefixlen']}")
-            for link in json.loads(listed.stdout or "[]") for entry in link.get("addr_info", [])
-            if "local" in entry and "prefixlen" in entry]
-
-
-def machine_addresses() -> list[str]:
-    return [str(interface.ip) for interface in machine_interfaces() if not interface.ip.is_link_local]
-
-
-def allowed_host_headers(host: str) -> list[str]:
-    """The Host headers the tracking server accepts (MLflow 3 refuses others with 403, against DNS
-    rebinding; its default allows loopback and RFC 1918 addresses only): loopback, the bound address
-    and, bound to every address, each address and name of this machine; each bare and with any port."""
-    names = {"localhost", "127.0.0.1", "[::1]"}
-    if host in EVERY_ADDRESS:
-        names |= {host_in_url(address) for address in machine_addresses()} | {socket.gethostname(), socket.getfqdn()}
-    else:
-        names.add(host_in_url(host))
-    return sorted(pattern for name in names for pattern in (name, f"{name}:*"))
 
 
 def write_private(path: Path, text: str) -> None:
