@@ -184,8 +184,7 @@ def _is_journal(path: Path) -> bool:
 
 def _storage_fix(reason: str, url: str = "") -> str:
     if _no_way_there(reason):
-        return (f"check that this machine reaches {url_host(url)} (`ip route get {url_host(url)}`: a route, no "
-                f"firewall in between), or correct the host in STORAGE / OPTUNA_STORAGE.")
+        return _route_fix(url_host(url), "the host in STORAGE / OPTUNA_STORAGE") + "."
     if "no pg_hba.conf entry" in reason:
         return ("the database takes no logins from this machine's network: on its machine, start the services "
                 "with --host on an address of this machine's network (make services HOST=<address>), or add a "
@@ -207,6 +206,11 @@ def _no_way_there(reason: str) -> bool:
     timeout): the server may be fine; the fix is on the way to it."""
     return any(words in reason.lower() for words in ("network is unreachable", "no route to host", "timeout expired",
                                                      "timed out"))
+
+
+def _route_fix(host: str, setting: str) -> str:
+    return f"check that this machine reaches {host} (`ip route get {host}`: a route, no firewall in between), or " \
+           f"correct {setting}"
 
 
 def url_host(url: str) -> str:
@@ -310,6 +314,7 @@ def _open_sqlite_tracking_store(uri: str) -> None:
     import mlflow
 
     file = _storage_file(uri)
+    file.parent.mkdir(parents=True, exist_ok=True)  # MLflow makes a new store's folder: the lock file goes there first
     with open(file.with_name(file.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
@@ -347,9 +352,8 @@ def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> No
         if _no_way_there(str(reason)):
             host = url_host(uri)
             raise TrackingStoreError(
-                f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: check that this machine "
-                f"reaches {host} (`ip route get {host}`: a route, no firewall in between), or correct "
-                f"{TRACKING_ENV}.") from None
+                f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: "
+                f"{_route_fix(host, TRACKING_ENV)}.") from None
         raise TrackingStoreError(
             f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: start it (`mlflow server "
             f"--backend-store-uri ...`), or unset {TRACKING_ENV} to use the local store under mlruns/."
