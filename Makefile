@@ -54,13 +54,13 @@ compare: $(INSTALLED) ## studies side by side: table, reports/compare.html, MLfl
 	@$(PY) -m pipeline compare $(STUDIES) $(ARGS)
 
 dashboard: $(INSTALLED) ## optuna-dashboard for every study, on 127.0.0.1 (DASHBOARD_PORT=n, STORAGE=url)
-	@$(PY) -m pipeline dashboard $(if $(DASHBOARD_PORT),--port $(DASHBOARD_PORT))
+	@$(PY) -m pipeline dashboard $(if $(DASHBOARD_PORT),--port $(DASHBOARD_PORT)) $(ARGS)
 
 ui: $(INSTALLED) ## the MLflow UI on the tracking store, on 127.0.0.1 (UI_PORT=n)
-	@$(PY) -m pipeline ui $(if $(UI_PORT),--port $(UI_PORT))
+	@$(PY) -m pipeline ui $(if $(UI_PORT),--port $(UI_PORT)) $(ARGS)
 
 serve: $(INSTALLED) ## the champion behind MLflow's scoring server, on 127.0.0.1 (SERVE_PORT=n)
-	@$(PY) -m pipeline serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
+	@$(PY) -m pipeline serve $(if $(SERVE_PORT),--port $(SERVE_PORT)) $(ARGS)
 
 services: $(INSTALLED) ## PostgreSQL + MLflow tracking server on 127.0.0.1, or HOST=<address> for other machines; prints the exports (PG_PORT, MLFLOW_PORT)
 	@$(PY) -m pipeline services start $(if $(filter command line,$(origin HOST)),--host $(HOST)) \
