@@ -3,7 +3,7 @@
 The same study runs twice on the real data, in temporary Optuna and MLflow stores: once with
 tracking off (the do-nothing tracker), once with it on (a parent run, a nested run per trial with
 per-epoch metrics, figures, the model of every trial that improves the best, and promotion).
-Seeded sampling and deterministic training make both sessions run the same trials.
+One session seed for both and deterministic training make both sessions run the same trials.
 
 By default the study is a short one (enqueued MLP trials, no pruning); `--study mlp --trials 12`
 runs a real study file's search instead (a session shaped like `make tune`'s, about 20 minutes).
@@ -57,14 +57,17 @@ def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool)
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["CHECKPOINT_DIR"] = str(folder / "checkpoints")  # not the real study's studies/checkpoints/
-    session = Session(load_study(study_file), f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None)
+    # One session seed for both sessions: they replay the same configurations (a session draws its own otherwise).
+    session = Session(load_study(study_file), f"sqlite:///{folder / 'optuna.db'}", target_trials=trials, timeout=None,
+                      session_seed=0)
     if tracking:
         import mlflow
 
         configure_mlflow()
         mlflow.MlflowClient().search_experiments()  # creates the store's tables
     started = time.perf_counter()
-    summary = run_session(session, session_tracker(session.spec, session.storage, enabled=tracking))
+    summary = run_session(session, session_tracker(session.spec, session.storage, enabled=tracking,
+                                                    session_seed=session.session_seed))
     return time.perf_counter() - started, summary
 
 

@@ -152,15 +152,17 @@ def run_tune(args: argparse.Namespace) -> int:
         target_trials=args.trials if args.trials is not None else spec.trials,
         timeout=args.timeout if args.timeout is not None else spec.timeout,
         workers=args.workers, device=args.device, final_phase=args.final_phase,
+        **({} if args.session_seed is None else {"session_seed": check_session_seed(args.session_seed)}),
     )
     budget = f"{session.timeout:.0f} s" if session.timeout else "no time limit"
     changed = f", settings {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""
     print(f"Study {spec.name} ({spec.path.name}{changed}) in {redact(session.storage)}: up to "
-          f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s)", flush=True)
+          f"{session.target_trials} finished trials, {budget}, {session.workers} worker(s), "
+          f"session seed {session.session_seed}", flush=True)
     # A wrong URL or password, or a study of that name training another model family: one line, before any
     # MLflow run exists.
     check_study_matches(spec, open_storage(session.storage))
-    tracker = session_tracker(spec, session.storage, enabled=args.tracking)
+    tracker = session_tracker(spec, session.storage, enabled=args.tracking, session_seed=session.session_seed)
     try:
         summary = run_session(session, tracker)
     except KeyboardInterrupt:
@@ -171,6 +173,12 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def check_session_seed(seed: int) -> int:
+    if not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"--session-seed must be an integer from 0 to {2 ** 32 - 1}, got {seed}")
+    return seed
 
 
 def run_baseline(args: argparse.Namespace) -> int:
@@ -199,7 +207,8 @@ def run_baseline(args: argparse.Namespace) -> int:
     session = Session(spec=baseline, storage=storage, target_trials=count_complete_or_pruned(study) + 1,
                       timeout=None, device=args.device, final_phase=False, promote=False)
     try:
-        summary = run_session(session, session_tracker(baseline, storage, enabled=args.tracking))
+        summary = run_session(session, session_tracker(baseline, storage, enabled=args.tracking,
+                                                       session_seed=session.session_seed))
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to train the baseline of {spec.name}", file=sys.stderr)
         return 130

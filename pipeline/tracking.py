@@ -281,9 +281,13 @@ class SessionTracker:
         self.client.set_terminated(self.run_id, status)
 
 
-def session_tracker(spec, storage: str, *, enabled: bool = True):
-    """The tracker a tuning session gets: a SessionTracker (MLflow), or with ``enabled`` False the null one."""
-    return SessionTracker(spec.name, study_tags(spec, storage)) if enabled else NullSessionTracker()
+def session_tracker(spec, storage: str, *, enabled: bool = True, session_seed: int | None = None):
+    """The tracker a tuning session gets: a SessionTracker (MLflow), or with ``enabled`` False the null one.
+    ``session_seed`` (the Session's) tags the session's run and its trials' runs."""
+    if not enabled:
+        return NullSessionTracker()
+    seeded = {} if session_seed is None else {"session_seed": str(session_seed)}
+    return SessionTracker(spec.name, {**study_tags(spec, storage), **seeded})
 
 
 def study_tags(spec, storage: str) -> dict[str, str]:

@@ -34,16 +34,18 @@ def settings(epochs: int, **more) -> tuple[tuple[str, str], ...]:
 
 
 def session(folder, study: str = "mlp", *, trials: int, epochs: int = 3, timeout=None, workers: int = 1,
-            final_phase: bool = False, **more) -> Session:
-    """The study's final phase (its best trial retrained for up to 60 epochs) is off unless asked for."""
+            final_phase: bool = False, session_seed: int | None = None, **more) -> Session:
+    """The study's final phase (its best trial retrained for up to 60 epochs) is off unless asked for;
+    the session draws a seed of its own unless given one."""
     spec = load_study(study).with_settings(dict(settings(epochs, **more)))
+    seeded = {} if session_seed is None else {"session_seed": session_seed}
     return Session(spec, storage_in(folder), target_trials=trials, timeout=timeout, workers=workers, device="cpu",
-                   final_phase=final_phase)
+                   final_phase=final_phase, **seeded)
 
 
 def tracker_for(session: Session):
     """The MLflow session tracker the CLI would wire for this session."""
-    return session_tracker(session.spec, session.storage)
+    return session_tracker(session.spec, session.storage, session_seed=session.session_seed)
 
 
 def enqueue(folder, study: str, *trials: dict) -> None:

@@ -130,6 +130,47 @@ def test_parallel_workers_draw_from_different_sampler_seeds(tmp_path, synthetic_
     assert firsts[0] != firsts[1]  # the same seed would have made both workers try the same configuration
 
 
+def sampled_params(folder, study):
+    """The parameters of every trial the sampler drew (the study file's queued default left out)."""
+    return [t.params for t in load(folder, study).trials if not t.user_attrs.get(attrs.DEFAULT_CONFIGURATION)]
+
+
+def test_a_resumed_study_samples_configurations_it_has_not_tried(tmp_path, synthetic_env):
+    # Random search: with one seed for every session, the second would draw the first's configurations again.
+    first = run_session(session(tmp_path, "mlp-random", trials=3, epochs=1))
+    run_session(session(tmp_path, "mlp-random", trials=6, epochs=1))
+    drawn = sampled_params(tmp_path, "mlp-random")
+    assert len(drawn) == 5 and all(drawn.count(params) == 1 for params in drawn)
+    # Each trial names the session that drew it, and the seed its sampler had: the replay key.
+    trials = load(tmp_path, "mlp-random").trials
+    assert {t.user_attrs[attrs.SESSION_SEED] for t in trials[:3]} == {first["session_seed"]}
+    assert len({t.user_attrs[attrs.SESSION_SEED] for t in trials}) == 2
+
+
+def test_a_session_replays_from_its_recorded_seed(tmp_path, synthetic_env):
+    original, replay = tmp_path / "original", tmp_path / "replay"
+    for folder in (original, replay):
+        folder.mkdir()
+    run_session(session(original, "mlp-random", trials=3, epochs=1))
+    recorded = load(original, "mlp-random").trials[-1].user_attrs[attrs.SESSION_SEED]
+    run_session(session(replay, "mlp-random", trials=3, epochs=1, session_seed=recorded))
+    assert sampled_params(replay, "mlp-random") == sampled_params(original, "mlp-random")
+
+
+@pytest.mark.slow
+def test_two_sessions_at_once_on_one_study_sample_different_configurations(tmp_path, synthetic_env):
+    """Two `make tune` on one storage at the same moment (two machines on one PostgreSQL, in miniature)."""
+    command = tune_command(tmp_path, "mlp-random", "--trials", "8", "--no-tracking", epochs=1)
+    sessions = [subprocess.Popen(command, env=synthetic_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for _ in range(2)]
+    outputs = [s.communicate(timeout=300)[0] for s in sessions]
+    assert [s.returncode for s in sessions] == [0, 0], outputs
+    trials = load(tmp_path, "mlp-random").trials
+    assert len({t.user_attrs[attrs.SESSION_SEED] for t in trials if attrs.SESSION_SEED in t.user_attrs}) == 2, outputs
+    drawn = sampled_params(tmp_path, "mlp-random")
+    assert len(drawn) >= 7 and all(drawn.count(params) == 1 for params in drawn), drawn
+
+
 def test_a_garbage_test_split_does_not_change_a_study(tmp_path, synthetic_dir, monkeypatch):
     """Two stores, two datasets that differ only in their test files (the second's are noise): the same
     seeded study must come out the same, trial for trial."""
@@ -151,7 +192,7 @@ def test_a_garbage_test_split_does_not_change_a_study(tmp_path, synthetic_dir, m
         monkeypatch.setenv(CUSTOM_ENV_VAR, str(folder))
         store = tmp_path / name
         store.mkdir()
-        run_session(session(store, trials=3, epochs=2))
+        run_session(session(store, trials=3, epochs=2, session_seed=7))  # one session, replayed
         outcomes.append([(t.params, t.value, t.intermediate_values) for t in load(store).trials])
     assert outcomes[0] == outcomes[1]
 

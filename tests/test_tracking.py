@@ -56,6 +56,8 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
     trial_runs, _ = runs_by_trial(client, "mlp")
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.tags["kind"] == "tuning-session" and parent.info.status == "FINISHED"
+    # The session's seed, on its run and its trials' runs, replays it (`tune --session-seed`).
+    assert parent.data.tags["session_seed"] == str(summary["session_seed"])
 
     expected_status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
     assert len(trial_runs) == len(study.trials)
@@ -64,6 +66,7 @@ def test_every_trial_is_one_nested_run_with_the_status_optuna_gave_it(tracked_st
         assert trial.user_attrs[attrs.MLFLOW_RUN_ID] == run.info.run_id  # the link goes both ways
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["study"] == "mlp" and run.data.tags["sampler"] == "tpe"
+        assert run.data.tags["session_seed"] == str(trial.user_attrs[attrs.SESSION_SEED])
         assert run.data.tags["dataset"] == "custom"  # the synthetic data are not Fashion-MNIST, and say so
         assert run.info.status == expected_status[trial.state]
         for tag in ("git_commit", "dataset_checksum", "device", "version.torch", "version.optuna"):

@@ -44,7 +44,7 @@ class Objective:
     """
 
     def __init__(self, spec: StudySpec, dataset: FashionMNIST, device, trial_trackers=None,
-                 deferred=_no_deferral, new_bar=None, checkpoints: bool = False):
+                 deferred=_no_deferral, new_bar=None, checkpoints: bool = False, seeds: dict | None = None):
         self.spec = spec
         self.dataset = dataset
         self.device = device
@@ -52,6 +52,7 @@ class Objective:
         self.deferred = deferred
         self.new_bar = new_bar or (lambda trial_number, epochs: NoBar())  # (trial number, epochs) -> a bar
         self.checkpoints = checkpoints  # per-epoch checkpoints, so a retried trial resumes (checkpoints.py)
+        self.seeds = seeds or {}  # the session's and the sampler's seeds, recorded on each trial
         self.run_tags = {"device": str(device), "dataset": dataset.kind, "dataset_checksum": dataset.checksum}
         self._splits: dict[tuple[int, int], Splits] = {}
         self._seen: dict[tuple[int, int], list] = {}  # what a trial on those splits sees, for its run's lineage
@@ -76,6 +77,7 @@ class Objective:
         with self.deferred():
             trial.set_user_attr(attrs.MAX_EPOCHS, config.epochs)  # what it runs unless pruned (--set may change it)
             trial.set_user_attr(attrs.WORKER, WORKER_NAME)  # which machine and process: sessions may share a study
+            _set_user_attrs(trial, self.seeds)
             tracker.start(trial.number, config, trial.params, self.run_tags, dataset=self.dataset,
                           seen=self._seen[(config.val_size, config.train_subset)])
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways

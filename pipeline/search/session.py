@@ -4,7 +4,7 @@ phase (the best configuration retrained for the time kept for it), promotion and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import optuna
 from optuna.trial import TrialState
@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from pipeline.progress import clock
 from pipeline.search import attrs
 from pipeline.search.study import prepare_study, quiet_optuna
-from pipeline.search.study_file import StudySpec
+from pipeline.search.study_file import StudySpec, new_session_seed
 from pipeline.search.summary import count_complete_or_pruned, summarize
 from pipeline.search.workers import run_worker_processes, work
 from pipeline.stores import open_storage
@@ -32,6 +32,9 @@ class Session:
     device: str = "auto"
     final_phase: bool = True  # run the study file's [final] phase, if it has one
     promote: bool = True  # register the best model and offer it as champion (a baseline is not offered)
+    # Seeds this session's samplers (with the study's seed and the worker): each session draws its own
+    # configurations. Recorded on the session's run and its trials; `tune --session-seed` replays one.
+    session_seed: int = field(default_factory=new_session_seed)
 
 
 def run_session(session: Session, tracker=None) -> dict:
@@ -64,6 +67,7 @@ def run_session(session: Session, tracker=None) -> dict:
     tracker.finish(study, summary)
     summary.update(tracker.summary_fields())
     summary["session_seconds"] = round(time.time() - started, 1)
+    summary["session_seed"] = session.session_seed
     return summary
 
 

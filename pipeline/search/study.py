@@ -11,11 +11,13 @@ from pipeline.search import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
-    """Create the study or load it (``load_if_exists``): running `make tune` again continues it."""
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0,
+               session_seed: int | None = None) -> optuna.Study:
+    """Create the study or load it (``load_if_exists``): running `make tune` again continues it. Its
+    sampler is ``worker``'s of the session seeded ``session_seed`` (StudySpec.make_sampler)."""
     return optuna.create_study(
         study_name=spec.name, storage=storage, direction=spec.direction,
-        sampler=spec.make_sampler(worker), pruner=spec.make_pruner(), load_if_exists=True,
+        sampler=spec.make_sampler(worker, session_seed), pruner=spec.make_pruner(), load_if_exists=True,
     )
 
 

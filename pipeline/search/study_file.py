@@ -9,10 +9,12 @@ load time so that their settings are checked by Optuna itself.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from pipeline.config import ConfigError, TrainConfig, fields_unused_by
@@ -147,8 +149,8 @@ class StudySpec:
         enqueued default trains alike, so each search is measured against the same point."""
         if seed is None or seed == self.sampler.get("seed"):
             return self
-        if not 0 <= seed < 2 ** 32 - 1:  # numpy's range, less one for a second worker's seed + 1
-            raise ConfigError(f"--seed (SEED) must be an integer from 0 to {2 ** 32 - 2}, got {seed}")
+        if not 0 <= seed < 2 ** 32:  # numpy's range
+            raise ConfigError(f"--seed (SEED) must be an integer from 0 to {2 ** 32 - 1}, got {seed}")
         return replace(self, name=f"{self.name}-seed{seed}", sampler={**self.sampler, "seed": seed})
 
     def pruning_rungs(self) -> list[int]:
@@ -168,16 +170,34 @@ class StudySpec:
             return [max(1, settings.get("n_warmup_steps", 0))]
         return []
 
-    def make_sampler(self, worker: int = 0) -> optuna.samplers.BaseSampler:
-        """Parallel workers each get their own seed (seed + worker): with one seed they would sample alike."""
+    def make_sampler(self, worker: int = 0, session_seed: int | None = None) -> optuna.samplers.BaseSampler:
+        """The sampler of one worker of one session, seeded with ``worker_sampler_seed``. Without a
+        session seed (a study opened outside a session: tests, the dashboard), the file's seed + worker."""
         settings = dict(self.sampler)
-        if settings.get("seed") is not None:
+        if session_seed is not None:
+            settings["seed"] = worker_sampler_seed(settings.get("seed"), session_seed, worker)
+        elif settings.get("seed") is not None:
             settings["seed"] += worker
         return SAMPLERS[settings.pop("name")](**settings)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         settings = dict(self.pruner)
         return PRUNERS[settings.pop("name")](**settings)
+
+
+def new_session_seed() -> int:
+    """A seed of the session's own, from the operating system's entropy: two sessions on one storage
+    (one after the other, or at once on two machines) must not draw the same configurations, and
+    nothing they share (the study's seed, its trial count) can tell them apart when they start at once."""
+    return secrets.randbits(32)
+
+
+def worker_sampler_seed(study_seed: int | None, session_seed: int, worker: int) -> int:
+    """The sampler seed of ``worker`` in a session: a function of the study's seed (its file's, or
+    SEED=n), the session's seed and the worker, so that a session is replayed from the seed recorded
+    on its MLflow run and on each of its trials (`tune --session-seed`)."""
+    entropy = [session_seed, worker] if study_seed is None else [study_seed, session_seed, worker]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def study_path(name_or_path: str | Path) -> Path:

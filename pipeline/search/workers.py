@@ -27,6 +27,7 @@ from pipeline.search import attrs
 from pipeline.search.interrupts import InterruptGate
 from pipeline.search.objective import TRIAL_ERRORS, Objective
 from pipeline.search.study import open_study, quiet_optuna
+from pipeline.search.study_file import worker_sampler_seed
 from pipeline.search.summary import COMPLETE_OR_PRUNED, ProgressLine, count_complete_or_pruned, count_failed
 from pipeline.stores import StorageError, database_problem, open_storage
 
@@ -134,7 +135,7 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
                     return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
 
                 objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
-                                      checkpoints=True)
+                                      checkpoints=True, seeds=sampler_seeds(session, worker))
             before = count_complete_or_pruned(study)
             failed_before = count_failed(study)
             with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
@@ -168,6 +169,12 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
             return
 
 
+def sampler_seeds(session, worker: int) -> dict:
+    """What each trial of this worker records of its sampler's seed: enough to replay the session."""
+    return {attrs.SESSION_SEED: session.session_seed,
+            attrs.SAMPLER_SEED: worker_sampler_seed(session.spec.sampler.get("seed"), session.session_seed, worker)}
+
+
 def storage_loss(error: BaseException | None) -> BaseException | None:
     """The lost connection behind ``error``, raised as it is or wrapped (Optuna raises a
     StorageInternalError from it); None when the error is something else."""
@@ -185,7 +192,7 @@ def _open_for_worker(session, trial_trackers, worker: int, patience: float = 0):
     while True:
         try:
             return open_study(session.spec, open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial),
-                              worker=worker)
+                              worker=worker, session_seed=session.session_seed)
         except Exception as error:
             if not (isinstance(error, StorageError) or storage_loss(error)) or time.time() >= give_up:
                 raise
