@@ -149,8 +149,10 @@ def step_breakdown(batch_size: int, device, repeats: int = 300) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="batch size of parts 1 and 2 (default: 64, the notebook's)")
+    parser.add_argument("--device", default="auto",
+                        help="device of part 1: auto, cpu, cuda (default: auto); parts 4 and 5 run only on a CPU")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the throughput comparison")
     args = parser.parse_args()
 
