@@ -1,18 +1,25 @@
 """The MLflow model registry: register a study's best model, promote it, find a version again.
 
 A version's validation accuracy is its `val_accuracy` tag, written and read here only. Promotion
-compares validation accuracies; the test split plays no part in it. Accuracies on different data
-do not compare: a model trained on a custom dataset never displaces a champion trained on other
-data, and one trained on the official Fashion-MNIST displaces a champion trained on custom data.
+compares validation accuracies; the test split plays no part in it. Accuracies on different images
+do not compare: two versions are compared only when they were validated on the same split of the
+same data (the `dataset_checksum` and `validation_split` tags agree). Otherwise the one validated as
+the shipped studies validate (the official Fashion-MNIST, the default 10,000-image split) wins, and
+neither displaces the other when both or neither are. A registry that cannot be read moves nothing.
 """
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError, first_line
 
 REGISTERED_MODEL = "fashion-mnist-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
 VAL_ACCURACY_TAG = "val_accuracy"
+# What a version was validated on, copied from its run: the data, and the validation split's digest
+# (the data's checksum and the split's image indices) with the size that made it.
+VALIDATION_TAGS = ("dataset", "dataset_checksum", "validation_split")
+STANDARD_VAL_SIZE = str(TrainConfig.val_size)
 
 
 class RegistryError(PipelineError):
@@ -38,8 +45,10 @@ def register(model_uri: str, run_id: str, *, val_accuracy: float, study: str, tr
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:
         return existing[0]
-    run_tags = client.get_run(run_id).data.tags
-    dataset = {k: run_tags[k] for k in ("dataset", "dataset_checksum") if k in run_tags}
+    run = client.get_run(run_id).data
+    dataset = {k: run.tags[k] for k in VALIDATION_TAGS if k in run.tags}
+    if "val_size" in run.params:
+        dataset["val_size"] = run.params["val_size"]
     version = mlflow.register_model(model_uri, name, tags={
         VAL_ACCURACY_TAG: f"{val_accuracy:.6f}", "study": study, "trial": str(trial), "run_id": run_id, **dataset})
     client.update_model_version(name, version.version, description=(
@@ -70,7 +79,7 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
     for _ in range(10):
         champion = _champion(client, name)
         peers = [v for v in client.search_model_versions(f"name='{name}'")
-                 if int(v.version) > newer and _same_data(v, version) and val_accuracy_of(v) is not None]
+                 if int(v.version) > newer and _comparable(v, version) and val_accuracy_of(v) is not None]
         best = max(peers, key=lambda v: (val_accuracy_of(v), -int(v.version)), default=version)
         if champion is not None and (champion.version == best.version or not _beats(best, champion)):
             break
@@ -80,35 +89,53 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if champion is None:
         return "challenger"
-    if not _same_data(champion, version):
+    if champion.tags.get("dataset_checksum") != version.tags.get("dataset_checksum"):
         return f"challenger (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
+    if not _comparable(champion, version):
+        return (f"challenger (champion v{champion.version} was validated on another split: val_size "
+                f"{champion.tags.get('val_size', 'unrecorded')}, this one {version.tags.get('val_size', 'unrecorded')})")
     return f"challenger (champion v{champion.version} has {val_accuracy_of(champion):.2%})"
 
 
 def _champion(client, name: str):
-    from mlflow.exceptions import MlflowException
-
+    """The version ``champion`` names, or None when no version holds the alias. Any other answer (the
+    store away, a permission refused) raises: taken for "no champion", it would move the alias."""
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        aliases = client.get_registered_model(name).aliases
+        return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
+    except Exception as error:
+        import mlflow
+
+        from pipeline.stores import redact
+
+        raise RegistryError(f"cannot read the champion of {name!r} in {redact(mlflow.get_tracking_uri())}: "
+                            f"{first_line(error)}; the alias was not moved. Fix: check that the tracking store "
+                            f"answers, then run `make tune` again (the study's best model is promoted then)") from error
 
 
 def _beats(candidate, champion) -> bool:
     """Whether ``candidate`` should be champion instead of ``champion``: a higher validation accuracy
-    on the same data; a model on the official data displaces one trained on other data, never the
-    other way round; anything displaces a champion without a recorded accuracy."""
+    on the same validation images; between versions validated on different images, the one validated
+    as the shipped studies validate, never the other way round; anything displaces a champion without a
+    recorded accuracy."""
     if champion is None or val_accuracy_of(champion) is None:
         return True
-    if not _same_data(champion, candidate):
-        return candidate.tags.get("dataset") == "official"
+    if not _comparable(champion, candidate):
+        return _standard_validation(candidate) and not _standard_validation(champion)
     return val_accuracy_of(candidate) > val_accuracy_of(champion)
 
 
-def _same_data(champion, candidate) -> bool:
-    """Whether two versions were trained on the same data; versions without the tag count as the same."""
-    ours, theirs = champion.tags.get("dataset_checksum"), candidate.tags.get("dataset_checksum")
-    return ours is None or theirs is None or ours == theirs
+def _comparable(champion, candidate) -> bool:
+    """Whether two versions were validated on the same images: the same data and the same split.
+    A version without these tags (registered before they existed) compares with none."""
+    return all(champion.tags.get(tag) is not None and champion.tags.get(tag) == candidate.tags.get(tag)
+               for tag in ("dataset_checksum", "validation_split"))
+
+
+def _standard_validation(version) -> bool:
+    """Validated as every shipped study validates: the official data, the default validation split."""
+    return (version.tags.get("dataset") == "official" and version.tags.get("val_size") == STANDARD_VAL_SIZE
+            and version.tags.get("validation_split") is not None)
 
 
 def promote_best_trial(study) -> dict | None:

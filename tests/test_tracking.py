@@ -155,6 +155,11 @@ def test_the_best_model_becomes_champion_and_predicts_on_raw_pixels(tracked_stud
     version = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     assert version.tags["trial"] == str(study.best_trial.number) and version.tags["study"] == "mlp"
     assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value)
+    # What it was validated on, so that promotion compares it only with models validated alike.
+    from pipeline.data import make_splits
+
+    assert version.tags["val_size"] == "200"
+    assert version.tags["validation_split"] == make_splits(synthetic_dataset, val_size=200).val_digest
 
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
     raw = synthetic_dataset.test_images.numpy().astype(np.float32)  # 0-255, (N, 28, 28)
@@ -232,6 +237,23 @@ def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(
     assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
 
 
+def registered_versions(*tag_sets):
+    """Versions of the registered model with these tags, as sessions would register them (no model files:
+    promotion reads tags only), in this test's own store."""
+    from pipeline.stores import configure_mlflow
+
+    configure_mlflow()
+    client = mlflow.MlflowClient()
+    client.create_registered_model(REGISTERED_MODEL)
+    experiment = client.create_experiment("promotion")
+    versions = []
+    for tags in tag_sets:
+        run = client.create_run(experiment)
+        versions.append(client.create_model_version(REGISTERED_MODEL, source=f"runs:/{run.info.run_id}/model",
+                                                    run_id=run.info.run_id, tags=tags))
+    return versions
+
+
 def promote_two_at_once(monkeypatch, accuracies=(0.90, 0.92), read_delays=(1.0, 0.2)):
     """Two versions promoted from two threads at the same moment, as two sessions finishing together
     would. Each thread's first read of the champion is answered late (the first thread's later), so
@@ -242,15 +264,9 @@ def promote_two_at_once(monkeypatch, accuracies=(0.90, 0.92), read_delays=(1.0, 
 
     import pipeline.registry as registry
 
+    versions = registered_versions(*({"val_accuracy": str(accuracy), "dataset": "custom", "dataset_checksum": "same",
+                                      "validation_split": "same"} for accuracy in accuracies))
     client = mlflow.MlflowClient()
-    client.create_registered_model(REGISTERED_MODEL)
-    versions = []
-    for accuracy in accuracies:
-        run = client.create_run(client.create_experiment(f"promotion-{accuracy}"))
-        versions.append(client.create_model_version(REGISTERED_MODEL, source=f"runs:/{run.info.run_id}/model",
-                                                    run_id=run.info.run_id,
-                                                    tags={"val_accuracy": str(accuracy), "dataset": "custom",
-                                                          "dataset_checksum": "same"}))
     real_read, delays, first_read = registry._champion, {}, set()
 
     def late_first_read(client, name):
@@ -281,6 +297,46 @@ def test_two_promotions_at_once_leave_the_champion_on_the_better_version(tmp_pat
     champion, (worse, better), outcomes = promote_two_at_once(monkeypatch)
     assert champion == better.version  # not the worse one, although it wrote the alias last
     assert outcomes[better.version] == "promoted to champion" and outcomes[worse.version].startswith("challenger")
+
+
+OFFICIAL = {"dataset": "official", "dataset_checksum": "d1fd84a877f3"}
+
+
+def test_a_model_validated_on_another_split_is_not_compared_with_the_champion(tmp_path):
+    import pipeline.registry as registry
+
+    standard, small_split = registered_versions(
+        {**OFFICIAL, "val_accuracy": "0.90", "val_size": "10000", "validation_split": "split-a"},
+        {**OFFICIAL, "val_accuracy": "0.99", "val_size": "1000", "validation_split": "split-b"})  # `--set val_size=1000`
+    assert registry.promote(standard) == "promoted to champion"
+    # 99 % on 1,000 other images says nothing against 90 % on the standard 10,000: the champion stays.
+    assert registry.promote(small_split) == "challenger (champion v1 was validated on another split: val_size 10000, this one 1000)"
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version == standard.version
+    # The other way round, the model validated as the shipped studies validate takes the alias.
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, small_split.version)
+    assert registry.promote(standard) == "promoted to champion"
+
+
+def test_a_registry_that_cannot_be_read_moves_no_alias(tmp_path, monkeypatch):
+    import pipeline.registry as registry
+    from mlflow.exceptions import MlflowException
+
+    champion, better = registered_versions(
+        *({**OFFICIAL, "val_accuracy": accuracy, "val_size": "10000", "validation_split": "split-a"}
+          for accuracy in ("0.95", "0.90")))
+    assert registry.promote(champion) == "promoted to champion"
+
+    def unavailable(self, name):
+        raise MlflowException("503 Service Unavailable: the tracking server is restarting")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", unavailable)
+    with pytest.raises(registry.RegistryError, match="cannot read the champion .* the alias was not moved"):
+        registry.promote(better)
+    monkeypatch.undo()
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version == champion.version
+    assert CHALLENGER not in client.get_registered_model(REGISTERED_MODEL).aliases
 
 
 def test_a_model_averaging_over_shifted_views_is_exported_for_raw_pixels(shared_store, monkeypatch, synthetic_splits):

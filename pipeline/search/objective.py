@@ -78,7 +78,9 @@ class Objective:
             trial.set_user_attr(attrs.MAX_EPOCHS, config.epochs)  # what it runs unless pruned (--set may change it)
             trial.set_user_attr(attrs.WORKER, WORKER_NAME)  # which machine and process: sessions may share a study
             _set_user_attrs(trial, self.seeds)
-            tracker.start(trial.number, config, trial.params, self.run_tags, dataset=self.dataset,
+            # The validation split's digest: promotion compares only models validated on the same images.
+            tracker.start(trial.number, config, trial.params, {**self.run_tags, "validation_split": splits.val_digest or "unrecorded"},
+                          dataset=self.dataset,
                           seen=self._seen[(config.val_size, config.train_subset)])
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
             if resumed:
