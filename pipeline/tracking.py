@@ -128,6 +128,8 @@ class TrialTracker:
 
     @_timed
     def failed(self, reason: str) -> None:
+        if self.run_id is None:
+            return  # the trial ended before its run was opened
         try:
             self._sent_epochs()
         except Exception as error:  # the trial is failing already: its reason matters more than its last epochs
@@ -251,20 +253,29 @@ class SessionTracker:
     @_timed
     def finish(self, study, summary: dict | None, *, status: str = "FINISHED") -> None:
         """Optuna's figures, the best value and parameters, and the summary, on the parent run; then end
-        it with ``status``. Without a study (the session failed before it had one) it only ends the run."""
+        it with ``status``. Without a study (the session failed before it had one) it only ends the run;
+        when logging fails, the run still ends (FAILED, unless it was ending KILLED) and the error is raised."""
+        try:
+            if study is not None:
+                self._log_study(study, summary)
+        except BaseException:
+            self._end("FAILED" if status == "FINISHED" else status)  # ended, never left RUNNING
+            raise
+        self._end(status)
+
+    def _log_study(self, study, summary: dict | None) -> None:
         import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 
         from pipeline.figures import optuna_figures, self_contained_html
         from pipeline.study_figures import study_images
 
-        if study is None:
-            self._end(status)
-            return
         page = self_contained_html(optuna_figures(study), f"Optuna study {study.study_name}")
         self.client.log_text(self.run_id, page, "optuna/figures.html")  # interactive, offline: plotly.js inside
         for name, figure in study_images(study).items():  # shown offline too, legible at hundreds of trials
             self.client.log_figure(self.run_id, figure, f"optuna/{name}.png")
             plt.close(figure)
+        if summary is None:
+            return
         self.client.log_dict(self.run_id, summary, "summary.json")
         best = summary.get("best_trial")
         if best:
@@ -272,7 +283,6 @@ class SessionTracker:
                        {"best_val_accuracy": best["val_accuracy"], "epochs_run": summary["epochs_run"],
                         "epochs_unpruned": summary["epochs_unpruned"]},
                        params={**{f"best.{k}": v for k, v in best["params"].items()}, "best.trial": best["number"]})
-        self._end(status)
 
     def _end(self, status: str) -> None:
         """Stop beating only now: the figures above can take minutes on a large study, and a session

@@ -237,6 +237,59 @@ def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(
     assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
 
 
+def test_a_promotion_that_fails_still_ends_the_session_run(tmp_path, synthetic_env, monkeypatch):
+    import pipeline.registry as registry
+
+    def unreadable_registry(study):
+        raise registry.RegistryError("cannot read the champion of 'fashion-mnist-classifier': 503")
+
+    monkeypatch.setattr(registry, "promote_best_trial", unreadable_registry)
+    tuning = session(tmp_path, trials=1, epochs=1)
+    tracker = tracker_for(tuning)
+    with pytest.raises(registry.RegistryError, match="503"):
+        run_session(tuning, tracker)
+    assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_the_error_that_ended_a_session_is_the_one_shown_when_ending_its_run_fails_too(
+        tmp_path, synthetic_env, monkeypatch, capsys):
+    import pipeline.figures
+    import pipeline.search.objective as objective
+
+    def broken_trainer(*args, **kwargs):
+        raise RuntimeError("the cause: a bug in training")
+
+    def broken_figures(study):
+        raise ValueError("a figure that cannot be drawn")
+
+    monkeypatch.setattr(objective, "train", broken_trainer)
+    monkeypatch.setattr(pipeline.figures, "optuna_figures", broken_figures)
+    tuning = session(tmp_path, trials=1, epochs=1)
+    tracker = tracker_for(tuning)
+    with pytest.raises(RuntimeError, match="the cause"):
+        run_session(tuning, tracker)
+    client = mlflow.MlflowClient()
+    assert client.get_run(tracker.run_id).info.status == "FAILED"  # ended although its figures failed
+    assert "a figure that cannot be drawn" in capsys.readouterr().out
+    # The trial's run ended with it, FAILED with the error, not left RUNNING.
+    trial_runs, _ = runs_by_trial(client, "mlp")
+    assert trial_runs[0].info.status == "FAILED" and "a bug in training" in trial_runs[0].data.tags["fail_reason"]
+
+
+def test_a_trial_whose_run_cannot_be_opened_fully_leaves_no_run_running(tmp_path, synthetic_env, monkeypatch):
+    def inputs_refused(self, run_id, datasets=None, models=None):
+        raise mlflow.exceptions.MlflowException("the tracking server refused the dataset inputs")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", inputs_refused)  # after the run is created
+    tuning = session(tmp_path, trials=1, epochs=1)
+    tracker = tracker_for(tuning)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="refused the dataset inputs"):
+        run_session(tuning, tracker)
+    trial_runs, runs = runs_by_trial(mlflow.MlflowClient(), "mlp")
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    assert trial_runs[0].info.status == "FAILED"
+
+
 def registered_versions(*tag_sets):
     """Versions of the registered model with these tags, as sessions would register them (no model files:
     promotion reads tags only), in this test's own store."""

@@ -86,3 +86,27 @@ def test_an_unreadable_checkpoint_is_named_and_not_resumed_from(tmp_path, capsys
     checkpoint = TrialCheckpoint.for_trial("mlp", 7, [3], identity={"params": {}})
     assert checkpoint.load() is None and checkpoint.resumed_from is None
     assert f"note: checkpoint {earlier} cannot be read" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_one_workers_error_stops_the_others_and_the_session(tmp_path, synthetic_env):
+    """Worker processes on one study: when one stops on an error, the session stops the others now, not
+    at its deadline, and their trials end interrupted (re-queued by the next session), none RUNNING."""
+    import subprocess
+    import time
+
+    from tests.shrunk import tune_command
+
+    # One trial trains for minutes; the other's configuration cannot even be built (batch_size 0), an
+    # error no trial is expected to raise: its worker stops on it.
+    enqueue(tmp_path, "mlp", LEARNS, {**LEARNS, "batch_size": 0})
+    started = time.time()
+    done = subprocess.run(tune_command(tmp_path, "mlp", "--workers", "2", "--trials", "4", "--no-tracking",
+                                       epochs=3000),
+                          env=synthetic_env, text=True, capture_output=True, timeout=240)
+    assert done.returncode != 0 and "stopped on an error" in done.stderr, done.stderr[-2000:]
+    assert time.time() - started < 120  # the long trial alone would take several minutes
+    trials = optuna.load_study(study_name="mlp", storage=storage_in(tmp_path)).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert [t.user_attrs.get(attrs.INTERRUPTED) for t in trials if t.params.get("batch_size") == 64] == [True], (
+        [(t.number, t.state, t.params, t.user_attrs) for t in trials], done.stdout, done.stderr)

@@ -66,11 +66,28 @@ class Objective:
         return self._splits[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """The trial's value. However it ends, its MLflow run ends with it (never left RUNNING), and a
+        Ctrl-C at any point of it marks it for the next session to run again."""
         self.current_trial = trial.number
+        tracker = self.trial_trackers()
+        try:
+            return self._run(trial, tracker)
+        except KeyboardInterrupt:
+            with self.deferred(raise_after=False):  # a second Ctrl-C must not stop the bookkeeping
+                trial.set_user_attr(attrs.INTERRUPTED, True)  # the next session runs these parameters again
+                _end_run(tracker, "interrupted (Ctrl-C)")
+            raise
+        except (*TRIAL_ERRORS, optuna.TrialPruned):
+            raise  # recorded where they were raised
+        except Exception as error:  # kept: a trial that lost its storage is retried (see workers.py)
+            with self.deferred():
+                _end_run(tracker, repr(error))
+            raise
+
+    def _run(self, trial: optuna.Trial, tracker) -> float:
         config = self.spec.config_for(trial)
         splits = self.splits_for(config.val_size, config.train_subset)
         started = time.perf_counter()
-        tracker = self.trial_trackers()
         checkpoint = self.checkpoint_for(trial, config)
         resumed = checkpoint.load()
         epochs_run = resumed_epochs = resumed["epoch"] if resumed else 0
@@ -79,8 +96,8 @@ class Objective:
             trial.set_user_attr(attrs.WORKER, WORKER_NAME)  # which machine and process: sessions may share a study
             _set_user_attrs(trial, self.seeds)
             # The validation split's digest: promotion compares only models validated on the same images.
-            tracker.start(trial.number, config, trial.params, {**self.run_tags, "validation_split": splits.val_digest or "unrecorded"},
-                          dataset=self.dataset,
+            split_tag = {"validation_split": splits.val_digest or "unrecorded"}
+            tracker.start(trial.number, config, trial.params, {**self.run_tags, **split_tag}, dataset=self.dataset,
                           seen=self._seen[(config.val_size, config.train_subset)])
             _set_user_attrs(trial, tracker.trial_attributes())  # the run's id: the link goes both ways
             if resumed:
@@ -121,17 +138,8 @@ class Objective:
                 trial.set_user_attr(attrs.FAIL_REASON, reason)
                 tracker.failed(reason)
             raise
-        except KeyboardInterrupt:
-            with self.deferred(raise_after=False):  # a second Ctrl-C must not stop the bookkeeping
-                trial.set_user_attr(attrs.INTERRUPTED, True)  # the next session runs these parameters again
-                tracker.failed("interrupted (Ctrl-C)")
-            raise
         except optuna.TrialPruned:
             checkpoint.remove()
-            raise
-        except Exception as error:  # kept: a trial that lost its storage is retried (see workers.py)
-            with self.deferred():
-                tracker.failed(repr(error))
             raise
         finally:
             bar.close()  # before the trial's line is printed
@@ -154,6 +162,16 @@ class Objective:
             return NoCheckpoint()
         identity = {"params": trial.params, "config": config.to_dict(), "device": self.device.type}
         return TrialCheckpoint.for_trial(self.spec.name, trial.number, earlier_runs(trial), identity)
+
+
+def _end_run(tracker, reason: str) -> None:
+    """End the trial's run FAILED with ``reason``; a store that cannot be written to now gets a note, so
+    that the error that ended the trial is the one raised."""
+    try:
+        tracker.failed(reason)
+    except Exception as error:
+        print(f"note: trial run not marked FAILED ({first_line(error)}); the next session's start ends it",
+              flush=True)
 
 
 def earlier_runs(trial: optuna.Trial) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.errors import first_line
 from pipeline.progress import clock
 from pipeline.search import attrs
 from pipeline.search.study import prepare_study, quiet_optuna
@@ -41,7 +42,9 @@ def run_session(session: Session, tracker=None) -> dict:
     """Run or resume the study until it has ``target_trials`` complete or pruned trials or
     ``timeout`` passes; return the summary. ``tracker`` is a SessionTracker (MLflow runs, figures,
     promotion) or, by default, a NullSessionTracker. Ctrl-C ends the running trials (as FAIL,
-    re-queued next time) and raises KeyboardInterrupt once every worker has stopped."""
+    re-queued next time) and raises KeyboardInterrupt once every worker has stopped. Whatever
+    fails, promotion included, the parent run ends (FAILED, or KILLED on Ctrl-C) and the first error
+    is the one raised."""
     tracker = tracker or NullSessionTracker()
     spec, study, started = session.spec, None, time.time()
     try:
@@ -55,13 +58,11 @@ def run_session(session: Session, tracker=None) -> dict:
             run_worker_processes(search, trial_trackers, started)
         if spec.final and session.final_phase:
             _final_phase(session, study, trial_trackers, started)
+        summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
+        promotion = tracker.promote(study) if session.promote else None
     except BaseException as error:  # the parent run ends with the session, never left RUNNING
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started) if study else None
-        tracker.finish(study, summary, status=status)
+        _finish_after(error, tracker, study, spec, started)
         raise
-    summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
-    promotion = tracker.promote(study) if session.promote else None
     if promotion:
         summary["promotion"] = promotion
     tracker.finish(study, summary)
@@ -69,6 +70,23 @@ def run_session(session: Session, tracker=None) -> dict:
     summary["session_seconds"] = round(time.time() - started, 1)
     summary["session_seed"] = session.session_seed
     return summary
+
+
+def _finish_after(error: BaseException, tracker, study, spec: StudySpec, started: float) -> None:
+    """End the parent run of a session that ``error`` ended, with what can still be summarized; a
+    failure on the way is a note, so that ``error``, the cause, is what the user sees."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    summary = None
+    try:
+        if study is not None:
+            summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
+    except Exception as summary_error:  # the storage that failed the session may fail this too
+        print(f"note: the session's summary could not be read ({first_line(summary_error)})", flush=True)
+    try:
+        tracker.finish(study, summary, status=status)
+    except Exception as finish_error:
+        print(f"note: the session's MLflow run was not ended {status} ({first_line(finish_error)}); the next "
+              f"session's start ends it", flush=True)
 
 
 def _search_timeout(session: Session) -> float | None:

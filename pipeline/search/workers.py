@@ -9,6 +9,7 @@ goes on; a storage that keeps failing with no trial finishing in between ends th
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -68,19 +69,42 @@ def run_worker_processes(session, trial_trackers, started: float) -> None:
     for process in processes:
         process.start()
     try:
-        for process in processes:
-            process.join()
+        _join_until_all_end_or_one_fails(processes)
     except KeyboardInterrupt:
-        for process in processes:  # a terminal sends SIGINT to all; `kill -INT` reaches only us
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
-        for process in processes:
-            process.join(timeout=60)
+        _interrupt(processes)  # a terminal sends SIGINT to all; `kill -INT` reaches only us
         raise
     crashed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
     if crashed:  # its traceback is above; the session must not look like a success
-        raise WorkerFailed(f"{', '.join(crashed)} stopped on an error (its traceback is above); finished trials "
-                           f"are kept: run the same command again to continue")
+        raise WorkerFailed(f"{', '.join(crashed)} stopped on an error (its traceback is above), and the other "
+                           f"workers were stopped; finished trials are kept: run the same command again to continue")
+
+
+def _join_until_all_end_or_one_fails(processes) -> None:
+    """Wait for every worker to end; as soon as one ends on an error, interrupt the others rather than
+    let them train on to the deadline of a session that has already failed."""
+    running = list(processes)
+    while running:
+        ended = multiprocessing.connection.wait([p.sentinel for p in running])
+        for process in [p for p in running if p.sentinel in ended]:
+            process.join()
+            running.remove(process)
+            if process.exitcode != 0:
+                _interrupt(running)
+                return
+
+
+def _interrupt(processes) -> None:
+    """Ctrl-C to each worker still running: it ends its trial as interrupted (re-queued by the next
+    session) and exits; one that has not within a minute is killed (its trial is then retried once its
+    heartbeat goes stale)."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+    for process in processes:
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _worker_entry(session, trial_trackers, worker: int, started: float) -> None:
