@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pipeline.paths import STUDIES_DIR
@@ -394,6 +395,66 @@ def test_the_gpu_study_runs_a_trial_on_the_cpu_when_shrunk(tmp_path, synthetic_e
     assert trial.state == TrialState.COMPLETE and trial.params == load_study("cnn-gpu").enqueue[0]
     assert summary["best_trial"]["number"] == 0
     assert "no study 'cnn'" in capsys.readouterr().out  # its warm start had nothing to start from
+
+
+def test_a_final_phase_run_a_killed_session_left_queued_is_planned_again_not_run_at_its_length(
+        tmp_path, synthetic_env):
+    # A session killed between queuing its final-phase run and starting it leaves the run WAITING, with the
+    # epochs that session's time allowed (here 500): the next session fails it and plans its own final phase.
+    spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 4")
+    enqueue(tmp_path, "mlp", LEARNS)
+    first = session(tmp_path, spec_file, trials=1, epochs=2)
+    run_session(first)
+    study = load(tmp_path)
+    study.enqueue_trial(study.trials[0].params, user_attrs={attrs.FINAL_OF: 0, attrs.FINAL_EPOCHS: 500,
+                                                            attrs.QUEUED_AT: time.time() - 3600})
+    summary = run_session(dataclasses.replace(first, final_phase=True))
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "never started" in trials[1].user_attrs[attrs.FAIL_REASON]
+    assert trials[2].user_attrs[attrs.FINAL_EPOCHS] == 4 and summary["final"]["number"] == 2
+
+
+def test_a_resumed_trial_is_judged_at_the_epoch_it_resumes_from(tmp_path, synthetic_dataset, monkeypatch):
+    """Killed after its checkpoint's save and before the pruner's check: the retry is pruned at that
+    epoch, not after training one more."""
+    from pipeline.checkpoints import TrialCheckpoint
+    from pipeline.search.study import requeue_interrupted
+
+    spec = load_study("mlp").with_settings({"epochs": 3, "val_size": 200})
+    storage = open_storage(storage_in(tmp_path))
+    # A pruner that stops every trial at its first report, standing in for a rung the trial fell behind at.
+    study = optuna.create_study(study_name="mlp", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    real_save = TrialCheckpoint.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        raise KeyboardInterrupt  # the kill lands between the save and the check
+
+    objective = Objective(spec, synthetic_dataset, torch.device("cpu"), checkpoints=True)
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(TrialCheckpoint, "save", save_then_die)
+        study.optimize(objective, n_trials=1)
+    requeue_interrupted(study)
+    study.optimize(objective, n_trials=1)
+    retry = study.trials[1]
+    assert retry.user_attrs[attrs.RESUMED_FROM] == "trial-0, epoch 1"
+    assert retry.state == TrialState.PRUNED and retry.last_step == 1 and retry.user_attrs[attrs.EPOCHS_RUN] == 1
+
+
+def test_namesake_studies_in_two_storages_keep_their_checkpoints_apart(tmp_path, synthetic_env, monkeypatch):
+    from pipeline.checkpoints import TrialCheckpoint, checkpoint_dir
+
+    folders = []
+    monkeypatch.setattr(TrialCheckpoint, "remove", lambda self: None)  # keep each trial's file to look at
+    for name in ("one", "two"):
+        store = tmp_path / name
+        store.mkdir()
+        run_session(session(store, trials=1, epochs=1))
+        folders.append({p.parent.name for p in checkpoint_dir().glob("*/trial-0.pt")})
+    assert len(folders[0]) == 1 and len(folders[1]) == 2  # trial 0 of each study "mlp", in a folder of its own
+    assert all(name.startswith("mlp-") for name in folders[1])
 
 
 def test_an_interrupted_final_phase_is_run_again_at_the_end_not_queued_with_its_old_length(tmp_path, synthetic_env):

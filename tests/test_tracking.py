@@ -383,10 +383,10 @@ def test_a_registry_that_cannot_be_read_moves_no_alias(tmp_path, monkeypatch):
     def unavailable(self, name):
         raise MlflowException("503 Service Unavailable: the tracking server is restarting")
 
-    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", unavailable)
-    with pytest.raises(registry.RegistryError, match="cannot read the champion .* the alias was not moved"):
+    with monkeypatch.context() as patched, pytest.raises(registry.RegistryError,
+                                                          match="cannot read the champion .* the alias was not moved"):
+        patched.setattr(mlflow.MlflowClient, "get_registered_model", unavailable)
         registry.promote(better)
-    monkeypatch.undo()
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version == champion.version
     assert CHALLENGER not in client.get_registered_model(REGISTERED_MODEL).aliases

@@ -26,6 +26,7 @@ MODEL_URI = "model_uri"  # its logged model, when it improved on the study's bes
 RETRY_OF = "retry_of"  # the trial whose parameters it runs again (Ctrl-C, a lost storage)
 FINAL_OF = "final_of"  # a final-phase run: the trial whose configuration it retrains
 FINAL_EPOCHS = "final_epochs"  # ... for this many epochs
+QUEUED_AT = "queued_at"  # a final-phase run: when it was queued (Unix seconds); one left waiting was abandoned
 DEFAULT_CONFIGURATION = "default_configuration"  # the study's default (its recipe's or first [[enqueue]])
 
 # Study attributes (study.py), shown by the dashboard and read by `make compare`.
@@ -37,6 +38,7 @@ STUDY_FILE = "study_file"
 STUDY_SEED = "sampler_seed"  # `make tune SEED=n`: studies of one file and kind differ only by it
 STUDY_KIND = "kind"  # "search", or "baseline" (`make baseline`: the default configuration trained once)
 STUDY_RUNGS = "pruning_rungs"  # the epochs at which the pruner compares trials (rank correlations use them)
+STUDY_UID = "study_uid"  # made once, when the study is created: its checkpoints' folder is named by it
 BASELINE_OF = "baseline_of"  # a baseline study: the study whose default and time it matches
 
 

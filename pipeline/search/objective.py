@@ -123,6 +123,15 @@ class Objective:
 
         bar = self.new_bar(trial.number, config.epochs)  # closed in the finally below
         try:
+            if resumed:
+                # The run it resumes may have been killed after saving an epoch and before the pruner
+                # judged it: judge it now, or a trial that rung would stop goes on.
+                with self.deferred():
+                    prune = not attrs.is_final_run(trial) and trial.should_prune()
+                    if prune:
+                        tracker.pruned(resumed_epochs)
+                if prune:
+                    raise optuna.TrialPruned(f"pruned at epoch {resumed_epochs}, the epoch it resumed from")
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end, resume_from=resumed,
                            on_checkpoint=checkpoint.save)
             # The model is logged only when the trial beats the study's best so far: the best trial
@@ -161,7 +170,10 @@ class Objective:
         if not self.checkpoints:
             return NoCheckpoint()
         identity = {"params": trial.params, "config": config.to_dict(), "device": self.device.type}
-        return TrialCheckpoint.for_trial(self.spec.name, trial.number, earlier_runs(trial), identity)
+        # The study's name and its storage's mark: two storages holding a study of one name keep apart.
+        uid = trial.study.user_attrs.get(attrs.STUDY_UID)
+        folder = f"{self.spec.name}-{uid}" if uid else self.spec.name
+        return TrialCheckpoint.for_trial(folder, trial.number, earlier_runs(trial), identity)
 
 
 def _end_run(tracker, reason: str) -> None:

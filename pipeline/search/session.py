@@ -132,6 +132,7 @@ def _final_phase(session: Session, study: optuna.Study, trial_trackers, started:
         return
     print(f"final phase: trial {best.number}'s configuration ({best.value:.2%} validation) retrained for "
           f"{epochs} epochs, about {clock(epochs * pace)}", flush=True)
-    study.enqueue_trial(best.params, user_attrs={attrs.FINAL_OF: best.number, attrs.FINAL_EPOCHS: epochs})
+    study.enqueue_trial(best.params, user_attrs={attrs.FINAL_OF: best.number, attrs.FINAL_EPOCHS: epochs,
+                                                 attrs.QUEUED_AT: time.time()})
     final = replace(session, workers=1, timeout=None, target_trials=count_complete_or_pruned(study) + 1)
     work(final, trial_trackers, worker=0, started=started)

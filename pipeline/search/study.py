@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 import warnings
 
 import optuna
@@ -48,6 +50,8 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     configurations on a new study, and re-queue trials a Ctrl-C interrupted."""
     study = open_study(spec, storage)
     study.set_metric_names([spec.objective])
+    if attrs.STUDY_UID not in study.user_attrs:  # unlike its name, this tells it from a namesake in another storage
+        study.set_user_attr(attrs.STUDY_UID, uuid.uuid4().hex[:12])
     family = study_family(spec)
     for key, value in ((attrs.STUDY_DESCRIPTION, spec.description), (attrs.STUDY_MODEL_FAMILY, family),
                        (attrs.STUDY_SAMPLER, spec.sampler["name"]), (attrs.STUDY_PRUNER, spec.pruner["name"]),
@@ -65,10 +69,28 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
         for i, params in enumerate(spec.enqueue):  # the first is the default every result is measured against
             study.enqueue_trial(params, user_attrs={attrs.DEFAULT_CONFIGURATION: True} if i == 0 else None,
                                 skip_if_exists=True)
+    drop_abandoned_final_runs(storage, study_id)
     failed = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,))
     if any(t.user_attrs.get(attrs.INTERRUPTED) for t in failed):
         requeue_interrupted(study)
     return study
+
+
+# A final-phase run is queued by its session and taken by it at once; one still waiting after this
+# many seconds was left by a session killed in between.
+ABANDONED_AFTER_SECONDS = 120
+
+
+def drop_abandoned_final_runs(storage: optuna.storages.BaseStorage, study_id: int) -> None:
+    """Fail the final-phase runs a killed session queued and never started: run later, they would
+    train for the epochs that session's time allowed, not this one's. This session's final phase
+    then plans its own."""
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        queued_at = trial.user_attrs.get(attrs.QUEUED_AT)
+        if attrs.is_final_run(trial) and (queued_at is None or time.time() - queued_at > ABANDONED_AFTER_SECONDS):
+            storage.set_trial_user_attr(trial._trial_id, attrs.FAIL_REASON, "a final-phase run its session, killed, "
+                                        "never started; the next session's final phase plans its own")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def has_trials(storage: optuna.storages.BaseStorage, study_id: int) -> bool:
