@@ -224,6 +224,30 @@ def test_a_study_of_the_same_name_from_another_family_is_refused(tmp_path, capsy
     assert optuna.load_study(study_name="cnn", storage=storage).trials == []
 
 
+@pytest.mark.parametrize("edit, says", [
+    (("--set", "epochs=2"), "epochs 1 -> 2"),  # another --set than the study ran with
+    (("--study", "{edited}"), "pruner.min_resource 3 -> 1"),  # the file's pruner edited
+])
+def test_a_study_resumed_under_other_rules_is_refused_naming_what_changed(tmp_path, capsys, synthetic_env, edit, says):
+    import optuna
+
+    from pipeline.search.study import prepare_study
+    from pipeline.stores import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    prepare_study(session(tmp_path, trials=1, epochs=1).spec, open_storage(storage))  # a first session's study
+    edited = tmp_path / "mlp.toml"
+    edited.write_text((STUDIES_DIR / "mlp.toml").read_text().replace("min_resource = 3", "min_resource = 1"))
+    argv = [arg.format(edited=edited) for arg in edit]
+    sets = [] if "--set" in argv else ["--set", "epochs=1"]
+    code, stderr = run_main(capsys, "tune", "--storage", storage, "--no-tracking", "--set", "val_size=200", *sets,
+                            *argv)
+    line = one_error_line(stderr)
+    assert code == 1 and "study 'mlp' in this storage ran with other settings" in line and says in line
+    assert "start a new study" in line
+    assert [t.state for t in optuna.load_study(study_name="mlp", storage=storage).trials] == [TrialState.WAITING]
+
+
 @pytest.mark.parametrize("argv, says, exit_code", [
     (["tune", "--timeout", "nan"], "--timeout (TIMEOUT) must be a positive number of seconds, got nan", 2),
     (["tune", "--timeout", "inf"], "--timeout (TIMEOUT) must be a positive number of seconds, got inf", 2),
@@ -302,3 +326,86 @@ def test_a_tracking_server_that_refuses_the_host_clients_address_it_by_is_one_li
         server.server_close()
     assert "refuses requests addressed to 127.0.0.1" in str(raised.value)
     assert "Fix: start it with MLFLOW_SERVER_ALLOWED_HOSTS=127.0.0.1,127.0.0.1:*" in str(raised.value)
+
+
+@pytest.mark.parametrize("command, host", [("dashboard", "0.0.0.0"), ("dashboard", "192.0.2.1"), ("dashboard", "::"),
+                                           ("dashboard", "example.com"), ("ui", "0.0.0.0"), ("serve", "0.0.0.0")])
+def test_a_server_without_login_on_another_address_than_loopback_is_refused_unless_asked(
+        tmp_path, capsys, monkeypatch, command, host):
+    """`make ui`, `make dashboard` and `make serve` have no login: --host beyond loopback needs the flag
+    that says so. 192.0.2.1 (RFC 5737) and example.com are refused before anything binds or resolves."""
+    import optuna
+
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    optuna.create_study(study_name="tuned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    code, stderr = run_main(capsys, command, "--host", host)
+    line = one_error_line(stderr)
+    assert code == 1 and f"--host {host} would open" in line and "with no login" in line
+    assert "Fix: leave --host out" in line and "--expose-without-login" in line
+    if host != "0.0.0.0":
+        return
+    import socket
+
+    with socket.socket() as holder:  # with the flag the refusal is gone: the next check speaks (a taken port)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, stderr = run_main(capsys, command, "--host", host, "--port", str(port), "--expose-without-login")
+    line = one_error_line(stderr)
+    assert code == 1 and "would open" not in line
+    assert "no registered model" in line if command == "serve" else f"cannot listen on 0.0.0.0:{port}" in line
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_flag(host):
+    from pipeline.network import check_exposure
+
+    check_exposure(host, False, what="optuna-dashboard", exposes="", port=8080)
+
+
+def test_a_tracking_server_that_asks_for_a_login_it_was_not_given_is_one_line(monkeypatch):
+    """What MLflow's basic-auth app (make services' tracking server) answers: /health open, every API
+    call 401 without the right login (measured in tests/test_services.py); the login goes as MLflow's
+    client sends it, from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    import base64
+    import http.server
+    import threading
+
+    from pipeline.stores import TrackingStoreError, check_tracking_server
+
+    right = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+
+    class LoginChecking(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            refused = self.path != "/health" and self.headers.get("Authorization") != right
+            self.send_response(401 if refused else 200)
+            self.end_headers()
+            self.wfile.write(b"You are not authenticated." if refused else b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginChecking)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    said = {}
+    try:
+        for case, password in (("none", None), ("wrong", "not-the-password"), ("right", "s3cret")):
+            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+            if password:
+                monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+                monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            try:
+                check_tracking_server(uri, timeout=5)
+                said[case] = ""
+            except TrackingStoreError as error:
+                said[case] = str(error)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "asks for a login, and none is set in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)" in said["none"]
+    assert "asks for a login, and refused the one in" in said["wrong"] and "not-the-password" not in said["wrong"]
+    assert all("Fix: export both as `make services` prints them" in said[case] for case in ("none", "wrong"))
+    assert said["right"] == ""

@@ -38,6 +38,7 @@ STUDY_FILE = "study_file"
 STUDY_SEED = "sampler_seed"  # `make tune SEED=n`: studies of one file and kind differ only by it
 STUDY_KIND = "kind"  # "search", or "baseline" (`make baseline`: the default configuration trained once)
 STUDY_RUNGS = "pruning_rungs"  # the epochs at which the pruner compares trials (rank correlations use them)
+STUDY_RULES = "rules"  # what makes its trials comparable (fixed settings, space, pruner, objective): resumes must match
 STUDY_UID = "study_uid"  # made once, when the study is created: its checkpoints' folder is named by it
 BASELINE_OF = "baseline_of"  # a baseline study: the study whose default and time it matches
 

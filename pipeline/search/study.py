@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 import warnings
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -28,9 +31,29 @@ def study_family(spec: StudySpec) -> str:
     return "searched" if "model" in {p.name for p in spec.space} else spec.base_config().model
 
 
+def study_rules(spec: StudySpec) -> dict[str, Any]:
+    """What makes a study's trials comparable with one another, flat: the settings every trial trains
+    with (the file's fixed ones after `--set`; not the searched fields' defaults), the search space,
+    the pruner that compares them and the objective. Sampler, budget and final phase may change
+    between sessions: they change which trials run, not what a trial's value means."""
+    searched = {param.name for param in spec.space}
+    fixed = {f"fixed.{key}": value for key, value in spec.base_config().to_dict().items() if key not in searched}
+    space = {f"search.{param.name}": _described(param) for param in spec.space}
+    pruner = {f"pruner.{key}": value for key, value in spec.pruner.items()}
+    return json.loads(json.dumps({**fixed, **space, **pruner, "objective": spec.objective}))  # as stored
+
+
+def _described(param) -> str:
+    """A searched field's range in a few words: what differs from a Param's defaults."""
+    return ", ".join(f"{field.name}={getattr(param, field.name)}" for field in dataclasses.fields(param)
+                     if field.name != "name" and getattr(param, field.name) != field.default)
+
+
 def check_study_matches(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
     """Refuse to add this file's trials to a study of the same name that trains another model family
-    (two files with one stem, say): its best trial would compare an MLP with a CNN."""
+    (two files with one stem, say: its best trial would compare an MLP with a CNN), or that ran under
+    other rules (an edited file, another `--set`: the sampler and the pruner would compare trials
+    trained differently)."""
     # The study's own row and attributes: optuna.get_all_study_summaries would read every trial of every study.
     try:
         existing = storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name))
@@ -42,6 +65,18 @@ def check_study_matches(spec: StudySpec, storage: optuna.storages.BaseStorage) -
                              f"(from {existing.get(attrs.STUDY_FILE, 'another file')}), and this file "
                              f"trains {study_family(spec)}. Fix: rename the file (the study takes its name), or use "
                              f"another storage.")
+    recorded = existing.get(attrs.STUDY_RULES)
+    if recorded is None:
+        return  # a study from before the rules were recorded: this session records them
+    ours = study_rules(spec)
+    changed = [f"{key.removeprefix('fixed.')} {recorded.get(key, '(none)')} -> {ours.get(key, '(none)')}"
+               for key in sorted(set(recorded) | set(ours)) if recorded.get(key) != ours.get(key)]
+    if changed:
+        raise StudyFileError(f"{spec.path}: study {spec.name!r} in this storage ran with other settings "
+                             f"({'; '.join(changed)}); its trials and new ones would not compare. Fix: run it as "
+                             f"it was (undo the edit or the --set), or start a new study: copy the file to "
+                             f"studies/<new name>.toml, or delete the old one (optuna delete-study --study-name "
+                             f"{spec.name} --storage URL).")
 
 
 def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -52,6 +87,8 @@ def prepare_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optu
     study.set_metric_names([spec.objective])
     if attrs.STUDY_UID not in study.user_attrs:  # unlike its name, this tells it from a namesake in another storage
         study.set_user_attr(attrs.STUDY_UID, uuid.uuid4().hex[:12])
+    if attrs.STUDY_RULES not in study.user_attrs:  # what the next session's check_study_matches holds it to
+        study.set_user_attr(attrs.STUDY_RULES, study_rules(spec))
     family = study_family(spec)
     for key, value in ((attrs.STUDY_DESCRIPTION, spec.description), (attrs.STUDY_MODEL_FAMILY, family),
                        (attrs.STUDY_SAMPLER, spec.sampler["name"]), (attrs.STUDY_PRUNER, spec.pruner["name"]),
