@@ -222,14 +222,18 @@ def server_call_latencies(tracking_uri: str, calls: int = 20) -> dict[str, float
 
     client = mlflow.MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment(f"calls-{time.time_ns()}")).info.run_id
+    login = (os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    login = login if all(login) else None  # the services' server asks for one, as MLflow's client sends it
     session = requests.Session()
+    session.auth = login
     api = f"{tracking_uri}/api/2.0/mlflow/runs"
     timed = {"get_run": lambda: client.get_run(run_id), "set_tag": lambda: client.set_tag(run_id, "k", "v"),
              "log_metric": lambda: client.log_metric(run_id, "m", 1.0),
              "requests GET": lambda: session.get(f"{api}/get", params={"run_id": run_id}),
              "requests POST": lambda: session.post(f"{api}/set-tag", json={"run_id": run_id, "key": "k", "value": "v"}),
              # A connection of its own per call, where the others reuse theirs (keep-alive, as MLflow's client does).
-             "requests GET, new connection": lambda: requests.get(f"{api}/get", params={"run_id": run_id})}
+             "requests GET, new connection": lambda: requests.get(f"{api}/get", params={"run_id": run_id},
+                                                                  auth=login)}
     medians = {}
     for name, call in timed.items():
         seconds = []
@@ -292,6 +296,8 @@ def start_services(folder: Path):
 
     services = Services(folder / "services")
     state = services.start()
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server's login, for every client
+        os.environ[name] = services.client_env(state)[name]  # (a SQLite store ignores it)
     print(f"services: PostgreSQL {redact(services.database_url('optuna', state))}, "
           f"MLflow server {services.tracking_uri(state)}", flush=True)
     return services, state

@@ -83,8 +83,7 @@ def main() -> None:
         started = time.perf_counter()
         state = services.start(pg_port=free_port(), mlflow_port=free_port())
         print(f"services up in {time.perf_counter() - started:.1f} s ({root})", flush=True)
-        os.environ["MLFLOW_TRACKING_URI"] = services.tracking_uri(state)
-        os.environ["OPTUNA_STORAGE"] = services.database_url("optuna", state)
+        os.environ.update(services.client_env(state))  # the printed exports: the stores and the server's login
         os.environ.pop("SERVICES_DIR", None)
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # set_terminated would get_run to print a link
         build = build_store(root, args.runs)
@@ -276,6 +275,17 @@ def time_reads(root: Path, build: dict) -> list[tuple[str, str, str]]:
     return figures
 
 
+def log_in(browser) -> None:
+    """Every request the page makes carries the tracking server's login (basic auth), as a person's
+    browser sends it once they typed it; set through Chrome's DevTools, so it is in no URL."""
+    import base64
+
+    user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {
+        "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}})
+
+
 def time_ui(experiment_id: str, trial_number: int) -> list[tuple[str, str, str]]:
     """The experiment page until its run table shows rows: a cold load, a second one, then filtered."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
@@ -307,6 +317,7 @@ def time_ui(experiment_id: str, trial_number: int) -> list[tuple[str, str, str]]
               # The trial shows inside its session's row, collapsed: the table matches the two of them.
               f"{page}?searchFilter={one_trial}", "session", "mlflow-scale-one-trial.png")]
     browser = webdriver.Chrome(service=Service(driver), options=options)
+    log_in(browser)
     figures = []
     try:
         for what, url, wanted, screenshot in loads:

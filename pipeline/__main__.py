@@ -153,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     services = command("services", help="start, stop or check a local PostgreSQL + MLflow tracking server "
                                         "(make services)",
-                       description="A throwaway PostgreSQL cluster (databases optuna and mlflow) and an `mlflow "
+                       description="A throwaway PostgreSQL cluster (databases optuna, mlflow, mlflow_auth) and an `mlflow "
                                    "server` on it with proxied artifacts, under $SERVICES_DIR (default .services/). "
-                                   "`start` prints the two exports that point `make tune`, `make evaluate-best` and "
-                                   "the UIs at them.")
+                                   "The server asks for a login (user admin, a generated password). `start` prints the "
+                                   "exports that point `make tune`, `make evaluate-best` and the UIs at them.")
     services.add_argument("action", choices=["start", "stop", "status"])
     services.add_argument("--host", default="127.0.0.1",
                           help="address both bind to (default: 127.0.0.1). Another address of this machine lets "
@@ -205,8 +205,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, version: bool) -> None
 
 def add_address_options(parser: argparse.ArgumentParser, *, port: int, variable: str) -> None:
     """--host and --port of a server; ``variable`` is the make variable that moves the port (errors name it)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                                                             "another needs --expose-without-login)")
     parser.add_argument("--port", type=port_number, default=port, help=f"port (default: {port}; make: {variable})")
+    parser.add_argument("--expose-without-login", action="store_true",
+                        help="allow a --host other than loopback: the server has no login, so anyone who reaches "
+                             "that address uses it (refused without this flag)")
     parser.set_defaults(port_variable=variable)
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import NOTEBOOK_TEST_ACCURACY, ConfigError, TrainConfig
-from pipeline.network import require_free_port
+from pipeline.network import check_exposure, require_free_port
 from pipeline.recipes import load_recipe
 
 
@@ -278,6 +278,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from pipeline.search.study import quiet_optuna
     from pipeline.stores import open_storage, redact, storage_url
 
+    check_exposure(args.host, args.expose_without_login, what="optuna-dashboard", port=args.port,
+                   exposes="reads every study and can change or delete it")
     quiet_optuna()
     storage = storage_url(args.storage)
     opened = open_storage(storage, must_exist=True)
@@ -303,6 +305,8 @@ def run_ui(args: argparse.Namespace) -> int:
     if is_server(uri):
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the MLflow UI itself: open {redact(uri)}")
         return 0
+    check_exposure(args.host, args.expose_without_login, what="the MLflow UI", port=args.port,
+                   exposes="reads, changes and deletes every run and model, and can move @champion")
     require_free_port(args.host, args.port, what="the MLflow UI", variable=args.port_variable)
     print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port}", flush=True)
     os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
@@ -320,6 +324,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from pipeline.registry import resolve_version
     from pipeline.stores import configure_mlflow, redact
 
+    check_exposure(args.host, args.expose_without_login, what="the scoring server", port=args.port,
+                   exposes="sends it images to classify, as many as they like")
     uri = configure_mlflow()
     version = resolve_version(args.model, alias=args.alias, version=None, others="--alias NAME")  # one line if missing
     require_free_port(args.host, args.port, what="the scoring server", variable=args.port_variable)
@@ -335,7 +341,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_services(args: argparse.Namespace) -> int:
     from pipeline.service_addresses import EVERY_ADDRESS, LOOPBACK, machine_addresses
-    from pipeline.services import Services, services_dir
+    from pipeline.services import MLFLOW_ADMIN, Services, services_dir
 
     services = Services(services_dir())
     if args.action == "stop":
@@ -346,24 +352,27 @@ def run_services(args: argparse.Namespace) -> int:
         print("\n".join(services.status()))
         return 0
     state = services.start(host=args.host, pg_port=args.pg_port, mlflow_port=args.mlflow_port)
-    host, url_file = state["host"], services.storage_url_file
+    host, url_file, password_file = state["host"], services.storage_url_file, services.mlflow_password_file
     where = "" if host in LOOPBACK else f", on this machine or another on {', '.join(state['logins_from'])}"
     if host in EVERY_ADDRESS:
         where = " on this machine"
     print("\n".join(services.status()))
     print(f"Artifacts are proxied by the server into {services.root / 'mlflow-artifacts'}.\n"
-          f"Paste into every shell that runs make tune, evaluate-best, dashboard or ui{where} (the storage URL holds "
-          f"the database password, so it is read from a file readable by you only):\n"
+          f"Paste into every shell that runs make tune, evaluate-best, compare, serve, dashboard or ui{where} (the "
+          f"storage URL holds the database password and the server asks for a login, so the passwords are read "
+          f"from files readable by you only):\n"
           f'  export OPTUNA_STORAGE="$(cat {url_file})"\n'
-          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}")
+          f"  export MLFLOW_TRACKING_URI={services.tracking_uri(state)}\n"
+          f"  export MLFLOW_TRACKING_USERNAME={MLFLOW_ADMIN}\n"
+          f'  export MLFLOW_TRACKING_PASSWORD="$(cat {password_file})"')
     if host in EVERY_ADDRESS:
-        print(f"On other machines: the same two with one of this machine's addresses in place of 127.0.0.1 "
+        print(f"On other machines: the same lines with one of this machine's addresses in place of 127.0.0.1 "
               f"({', '.join(a for a in machine_addresses() if a not in LOOPBACK) or 'none found'}); "
               f"`--host <address>` prints them ready to paste. PostgreSQL takes password logins from anywhere: "
               f"firewall it.")
     elif host not in LOOPBACK:
-        print(f'Where this folder is not shared, read the file over ssh: OPTUNA_STORAGE="$(ssh {host} cat '
-              f'{url_file})". The tracking server has no login: whoever reaches {host}:{state["mlflow_port"]} '
-              f"reads and writes runs, so keep that network private.")
+        print(f'Where this folder is not shared, read the files over ssh: OPTUNA_STORAGE="$(ssh {host} cat '
+              f'{url_file})", MLFLOW_TRACKING_PASSWORD="$(ssh {host} cat {password_file})". Nothing is encrypted '
+              f"(plain HTTP and PostgreSQL without TLS), so keep that network private.")
     print("make services-status says what runs; make services-stop stops both.")
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -39,6 +42,29 @@ def require_free_port(host: str, port: int, *, what: str, variable: str) -> None
                             ) from None
 
 
+class ExposedWithoutLogin(PipelineError):
+    """A server with no login asked to listen beyond this machine, without the flag that says so."""
+
+
+EXPOSE_FLAG = "--expose-without-login"
+
+
+def check_exposure(host: str, expose: bool, *, what: str, exposes: str, port: int) -> None:
+    """Refuse ``host`` unless it is loopback or the user passed EXPOSE_FLAG: `make ui`, `make dashboard`
+    and `make serve` start servers with no login, so an address other machines reach hands them ``exposes``.
+    A name other than localhost is refused too: it may resolve to any address."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or expose:
+        return
+    raise ExposedWithoutLogin(
+        f"--host {host} would open {what} to other machines with no login: whoever reaches it {exposes}. Fix: "
+        f"leave --host out (127.0.0.1; from elsewhere, an ssh tunnel: ssh -L {port}:127.0.0.1:{port} <this machine>), "
+        f"or add {EXPOSE_FLAG} if everyone on that network may.")
+
+
 def health_answer(url: str, timeout: float) -> None:
     """GET ``url``/health; any HTTP answer (even 401 from a proxy) counts as there. Raises OSError or
     ValueError (refused, DNS, timeout, a malformed URL) when nothing answers."""
@@ -53,14 +79,31 @@ def health_answer(url: str, timeout: float) -> None:
 HOST_REFUSED = b"Invalid Host header"
 
 
-def refuses_host_header(url: str, timeout: float) -> bool:
-    """Whether the MLflow server at ``url`` refuses API requests addressed as ``url`` addresses it.
-    Any other answer, or none, is False: the caller's other checks and MLflow report those."""
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # what MLflow's client sends as basic auth
+
+
+def api_refusal(url: str, timeout: float) -> tuple[int, bytes] | None:
+    """The status and first bytes of a refused API call to the MLflow server at ``url``, made as
+    MLflow's client makes it (with the login in $MLFLOW_TRACKING_USERNAME / _PASSWORD, when set); None
+    when the call succeeds or nothing answers (the caller's other checks and MLflow report those)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = (os.environ.get(name) for name in LOGIN_ENV)
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        urllib.request.urlopen(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
-                               timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as error:
-        return error.code == 403 and HOST_REFUSED in error.read(200)
+        return error.code, error.read(200)
     except (OSError, ValueError):
         pass
-    return False
+    return None
+
+
+def refuses_host_header(refusal: tuple[int, bytes] | None) -> bool:
+    """Whether an api_refusal is MLflow refusing the Host header the URL makes clients send."""
+    return refusal is not None and refusal[0] == 403 and HOST_REFUSED in refusal[1]
+
+
+def asks_for_login(refusal: tuple[int, bytes] | None) -> bool:
+    """Whether an api_refusal is a server that wants a login it was not given (or not this one)."""
+    return refusal is not None and refusal[0] == 401

@@ -341,9 +341,10 @@ def check_tracking_store() -> str:
 def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
     """Fail in seconds when the tracking server is down. MLflow's REST client retries a refused
     connection with backoff for about four minutes before it gives up: right for a blip in a long
-    study, wrong for a typo in the URI. Any HTTP answer (even 401 from a proxy) counts as there, except
-    MLflow 3 refusing the Host header the URI makes clients send (403 on every API call)."""
-    from pipeline.network import health_answer, refuses_host_header
+    study, wrong for a typo in the URI. Any HTTP answer counts as there, except MLflow 3 refusing the
+    Host header the URI makes clients send (403 on every API call) and a server that asks for a login
+    it was not given (401: MLflow's client would raise it deep in the first call)."""
+    from pipeline.network import LOGIN_ENV, api_refusal, asks_for_login, health_answer, refuses_host_header
 
     try:
         health_answer(uri, timeout)
@@ -358,7 +359,15 @@ def check_tracking_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> No
             f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}). Fix: start it (`mlflow server "
             f"--backend-store-uri ...`), or unset {TRACKING_ENV} to use the local store under mlruns/."
         ) from None
-    if refuses_host_header(uri, timeout):
+    refusal = api_refusal(uri, timeout)
+    if asks_for_login(refusal):
+        given = all(os.environ.get(name) for name in LOGIN_ENV)
+        raise TrackingStoreError(
+            f"the MLflow tracking server at {redact(uri)} asks for a login, and "
+            f"{'refused the one in' if given else 'none is set in'} {' / '.join(LOGIN_ENV)} (401). Fix: export "
+            f"both as `make services` prints them (user admin; the password in .services/mlflow-password on its "
+            f"machine), or the login its admin gave you.")
+    if refuses_host_header(refusal):
         host = url_host(uri)
         raise TrackingStoreError(
             f"the MLflow tracking server at {redact(uri)} refuses requests addressed to {host} (403: MLflow 3 "

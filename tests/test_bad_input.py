@@ -339,19 +339,20 @@ def test_a_server_without_login_on_another_address_than_loopback_is_refused_unle
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     optuna.create_study(study_name="tuned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    code, stderr = run_main(capsys, command, "--host", host)
-    line = one_error_line(stderr)
-    assert code == 1 and f"--host {host} would open" in line and "with no login" in line
-    assert "Fix: leave --host out" in line and "--expose-without-login" in line
-    if host != "0.0.0.0":
-        return
     import socket
 
-    with socket.socket() as holder:  # with the flag the refusal is gone: the next check speaks (a taken port)
+    with socket.socket() as holder:  # a taken port: were the check gone, the server would fail, not serve
         holder.bind(("0.0.0.0", 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        code, stderr = run_main(capsys, command, "--host", host, "--port", str(port), "--expose-without-login")
+        port = str(holder.getsockname()[1])
+        code, stderr = run_main(capsys, command, "--host", host, "--port", port)
+        line = one_error_line(stderr)
+        assert code == 1 and f"--host {host} would open" in line and "with no login" in line
+        assert "Fix: leave --host out" in line and "--expose-without-login" in line
+        if host != "0.0.0.0":
+            return
+        # With the flag the refusal is gone: the next check speaks.
+        code, stderr = run_main(capsys, command, "--host", host, "--port", port, "--expose-without-login")
     line = one_error_line(stderr)
     assert code == 1 and "would open" not in line
     assert "no registered model" in line if command == "serve" else f"cannot listen on 0.0.0.0:{port}" in line

@@ -74,6 +74,15 @@ for port in ports:
 print(json.dumps(answers))
 """
 
+# The HTTP status of a GET without a login (a browser, curl, anyone on the network).
+STATUS = """
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=10).status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+"""
+
 
 def ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
@@ -202,6 +211,11 @@ def test_the_printed_exports_name_the_network_address_and_its_login_rule_is_writ
     assert f"export MLFLOW_TRACKING_URI=http://{SERVICES}:{state['mlflow_port']}" in exports
     assert f"@{SERVICES}:{state['pg_port']}/optuna" in (root / "optuna-storage-url").read_text()
     assert "127.0.0.1" not in exports and state["password"] not in printed
+    assert "export MLFLOW_TRACKING_USERNAME=admin" in exports and state["mlflow_password"] not in printed
+    assert f'export MLFLOW_TRACKING_PASSWORD="$(cat {root / "mlflow-password"})"' in exports
+    # From another host of the network, without the login: refused (the sessions below log in with the exports).
+    api = f"http://{SERVICES}:{state['mlflow_port']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert run_in(hosts["c"], [sys.executable, "-c", STATUS, api], env=env, timeout=60).stdout.strip() == "401"
     hba = (root / "postgres" / "pg_hba.conf").read_text()
     assert hba.count(f"host all all {SESSIONS_NETWORK} scram-sha-256") == 1  # one block, after two starts on the network
     assert "0.0.0.0/0" not in hba  # the network asked for, not the world

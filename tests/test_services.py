@@ -31,25 +31,37 @@ from tests.test_killed_session import kill_a_session_then_run_the_next
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 MIRRORED = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    """`python -m pipeline services start` in a folder of its own, as `make services` runs it; stopped after."""
+def services_folder() -> Path:
     if postgres_bin_dir() is None and os.geteuid() != 0:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql) and we cannot install it")
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="pipeline-services-", dir="/tmp"))  # reachable by the postgres user
     root.chmod(0o755)
+    return root
+
+
+SERVICES_COMMAND = [sys.executable, "-m", "pipeline", "services"]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """`python -m pipeline services start` in a folder of its own, as `make services` runs it; stopped after.
+    This process (the tests' own MLflow client) logs in as the printed exports do."""
+    root = services_folder()
     env = {**os.environ, "SERVICES_DIR": str(root)}
-    command = [sys.executable, "-m", "pipeline", "services"]
-    started = subprocess.run([*command, "start", "--pg-port", str(free_port()), "--mlflow-port", str(free_port())],
-                             capture_output=True, text=True, env=env, timeout=300)
+    started = subprocess.run([*SERVICES_COMMAND, "start", "--pg-port", str(free_port()), "--mlflow-port",
+                              str(free_port())], capture_output=True, text=True, env=env, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     running = Services(root)
-    yield running, started.stdout, env
-    subprocess.run([*command, "stop"], env=env, timeout=120)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in LOGIN:
+            patch.setenv(name, running.client_env()[name])
+        yield running, started.stdout, env
+    subprocess.run([*SERVICES_COMMAND, "stop"], env=env, timeout=120)
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
@@ -66,9 +78,8 @@ def fresh_database(services: Services, name: str) -> str:
 
 
 def user_env(services: Services, storage: str, data_dir: Path, **more) -> dict:
-    """The shell of a user who pasted `make services`' two exports (and uses the synthetic data)."""
-    return {**os.environ, "OPTUNA_STORAGE": storage, "MLFLOW_TRACKING_URI": services.tracking_uri(),
-            CUSTOM_ENV_VAR: str(data_dir), **more}
+    """The shell of a user who pasted `make services`' exports (and uses the synthetic data)."""
+    return {**os.environ, **services.client_env(), "OPTUNA_STORAGE": storage, CUSTOM_ENV_VAR: str(data_dir), **more}
 
 
 def tune(study="mlp", *extra, epochs=2, **more) -> list[str]:
@@ -102,14 +113,19 @@ def assert_runs_mirror_trials(study: optuna.Study) -> None:
         assert client.get_run(trial.user_attrs[attrs.MLFLOW_RUN_ID]).info.status == MIRRORED[trial.state], trial.number
 
 
-def test_make_services_prints_two_exports_that_hide_the_password(services):
+def test_make_services_prints_exports_that_hide_the_passwords(services):
     running, printed, env = services
-    password = running.state()["password"]
-    assert password not in printed
+    state = running.state()
+    assert state["password"] not in printed and state["mlflow_password"] not in printed
     assert f'export OPTUNA_STORAGE="$(cat {running.storage_url_file})"' in printed
     assert f"export MLFLOW_TRACKING_URI={running.tracking_uri()}" in printed
+    assert "export MLFLOW_TRACKING_USERNAME=admin" in printed
+    assert f'export MLFLOW_TRACKING_PASSWORD="$(cat {running.mlflow_password_file})"' in printed
     assert running.storage_url_file.read_text() == running.database_url("optuna")
-    assert oct(running.storage_url_file.stat().st_mode & 0o777) == "0o600"
+    assert running.mlflow_password_file.read_text() == state["mlflow_password"]
+    for secret in (running.storage_url_file, running.mlflow_password_file, running.auth_config_file,
+                   running.state_file):
+        assert oct(secret.stat().st_mode & 0o777) == "0o600", secret
     status = subprocess.run([sys.executable, "-m", "pipeline", "services", "status"], capture_output=True, text=True,
                             env=env, timeout=60).stdout
     assert status.count(": running") == 2, status
@@ -124,7 +140,7 @@ def test_make_services_prints_two_exports_that_hide_the_password(services):
 def test_two_sessions_share_one_study_and_tracking_server_and_leak_no_password(services, synthetic_dir):
     running, _, _ = services
     storage = fresh_database(running, "two_sessions")
-    password = running.state()["password"]
+    passwords = running.state()["password"], running.state()["mlflow_password"]
     env = user_env(running, storage, synthetic_dir)
     seen_by_ps = []
     sessions = [start(tune("mlp", "--trials", "8", "--json"), env) for _ in range(2)]
@@ -156,10 +172,16 @@ def test_two_sessions_share_one_study_and_tracking_server_and_leak_no_password(s
                                 str(running.root / "reports")], capture_output=True, text=True, env=env, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     assert 0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])["test_accuracy"] <= 1
+    # The other clients log in too: compare logs its run, serve fetches the champion and classifies.
+    compared = subprocess.run([sys.executable, "-m", "pipeline", "compare", "mlp", "--reports-dir",
+                               str(running.root / "reports")], capture_output=True, text=True, env=env, timeout=300)
+    assert compared.returncode == 0 and "MLflow run: " in compared.stdout, compared.stderr
+    served = serve_one_image(env)
 
     # The password is nowhere: terminal output, ps, the summaries, Optuna's attributes, MLflow's
     # parameters and tags, the services' logs.
-    places = {"terminal": "".join(out + err for out, err in outputs) + evaluated.stdout + evaluated.stderr,
+    places = {"terminal": "".join(out + err for out, err in outputs) + evaluated.stdout + evaluated.stderr
+              + compared.stdout + compared.stderr + served,
               "ps": "".join(seen_by_ps),
               "optuna": repr([(study.user_attrs, study_system_attrs(storage, "mlp"))] +
                              [(t.user_attrs, t.system_attrs, t.params) for t in trials])}
@@ -170,7 +192,62 @@ def test_two_sessions_share_one_study_and_tracking_server_and_leak_no_password(s
     for log in ("mlflow.log", "postgres.log"):
         places[log] = (running.root / log).read_text(errors="replace")
     assert "optuna_storage" in repr(places) and ":***@" in repr(places)  # the storage is named, masked
-    assert [where for where, text in places.items() if password in text] == []
+    assert [where for where, text in places.items() for password in passwords if password in text] == []
+
+
+def serve_one_image(env: dict) -> str:
+    """`python -m pipeline serve` on the champion, one blank image posted to it; its output."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # its group: the scoring server's workers end with it
+    body = json.dumps({"inputs": [[[0.0] * 28] * 28]}).encode()
+    try:
+        deadline, answer = time.time() + 120, None
+        while answer is None and time.time() < deadline and process.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        out = process.communicate(timeout=60)[0]
+    assert answer is not None and len(answer["predictions"][0]) == 10, out
+    return out
+
+
+def test_the_tracking_server_refuses_a_request_without_its_login(services):
+    """MLflow's basic-auth app: reading, writing, registering and moving an alias all need the login;
+    /health stays open (the pipeline's probe). The other tests here show the pipeline's clients logging in."""
+    import base64
+    import urllib.error
+
+    running, _, _ = services
+    base = running.tracking_uri()
+    calls = [("GET", "/api/2.0/mlflow/experiments/search?max_results=1", None),
+             ("POST", "/api/2.0/mlflow/experiments/create", {"name": "intruder"}),
+             ("POST", "/api/2.0/mlflow/registered-models/create", {"name": "intruder"}),
+             ("POST", "/api/2.0/mlflow/registered-models/alias", {"name": REGISTERED_MODEL, "alias": CHAMPION,
+                                                                   "version": "1"})]
+
+    def status(method, path, body, login=None):
+        request = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+        if login:
+            request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert [status(*call) for call in calls] == [401] * len(calls)
+    assert [status(*call, login="admin:not-the-password") for call in calls] == [401] * len(calls)
+    assert status("GET", "/health", None) == 200
+    assert status(*calls[0], login=f"admin:{running.state()['mlflow_password']}") == 200
+    assert mlflow.MlflowClient(base).get_experiment_by_name("intruder") is None  # nothing was created
 
 
 def study_system_attrs(storage: str, name: str) -> dict:
@@ -300,9 +377,12 @@ def test_a_wrong_password_or_a_stopped_server_is_one_line_within_seconds(service
     cases = [
         ({"OPTUNA_STORAGE": wrong}, "password authentication failed"),
         ({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}, "cannot reach the MLflow tracking server"),
+        ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"}, "asks for a login, and refused the one in"),
+        ({name: None for name in LOGIN}, "asks for a login, and none is set in"),
     ]
     for change, says in cases:
-        env = {**user_env(running, storage, synthetic_dir), **change}
+        env = {name: value for name, value in {**user_env(running, storage, synthetic_dir), **change}.items()
+               if value is not None}
         started = time.time()
         done = subprocess.run(tune("mlp", "--trials", "1"), capture_output=True, text=True, env=env, timeout=60)
         assert time.time() - started < 10  # Python's start-up included
@@ -334,3 +414,114 @@ def test_the_dashboard_serves_a_postgresql_study_without_showing_the_password(se
         process.terminate()
         out = process.communicate(timeout=30)[0]
     assert running.state()["password"] not in out and ":***@" in out
+
+
+# `services start` with one step made fatal: SIGKILL (no cleanup, no finally) at the point argv names.
+KILLED_START = """
+import os, signal, sys
+from pathlib import Path
+import pipeline.services as services
+from pipeline.__main__ import main
+
+how, what, nth, ports = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+def die(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def then_die(name, when=lambda *args: True):
+    real = getattr(services.Services, name)
+    def step(self, *args, **kwargs):
+        done = real(self, *args, **kwargs)
+        if when(*args):
+            die()
+        return done
+    setattr(services.Services, name, step)
+
+if how == "before-replacing":  # a file half-written: its temporary copy is there, not yet renamed over it
+    real_replace, seen = os.replace, []
+    def replace(source, target, *args, **kwargs):
+        seen.append(Path(target).name)
+        if seen.count(what) == int(nth):
+            die()
+        return real_replace(source, target, *args, **kwargs)
+    os.replace = replace
+elif how == "after-pg":
+    then_die("pg", when=lambda *args: list(args[:len(what.split())]) == what.split())
+elif how == "during-initdb":  # initdb cut short: its folder holds PG_VERSION but no control file yet
+    real_pg = services.Services.pg
+    def pg(self, program, *args, **kwargs):
+        done = real_pg(self, program, *args, **kwargs)
+        if program == "initdb":
+            (Path(args[args.index("-D") + 1]) / "global" / "pg_control").unlink()
+            die()
+        return done
+    services.Services.pg = pg
+elif how == "after-databases":  # a kill between two CREATE DATABASE
+    services.DATABASES = services.DATABASES[:1]
+    then_die("_create_databases")
+else:
+    then_die(what)
+sys.exit(main(["services", "start", "--pg-port", ports[0], "--mlflow-port", ports[1]]))
+"""
+
+# Each step of a start, in order; killed there, the next start must finish the job.
+KILL_POINTS = [
+    ("before-replacing", "services.json", "1"),  # the first state (passwords, ports) never written
+    ("during-initdb", "", ""),  # a cluster half made
+    ("after-pg", "initdb", ""),  # a whole cluster, not yet renamed into place
+    ("before-replacing", "pg_hba.conf", "1"),  # the login rules half-written
+    ("after-pg", "pg_ctl start", ""),  # PostgreSQL running, no databases
+    ("after-databases", "", ""),  # one database of three
+    ("before-replacing", "mlflow-auth.ini", "1"),  # the server's login settings half-written
+    ("after", "_launch_server", ""),  # the server launched, its process id not recorded
+    ("before-replacing", "services.json", "2"),  # found by its command line, the state's rewrite cut short
+    ("before-replacing", "optuna-storage-url", "1"),  # both up, the clients' URL file half-written
+]
+
+
+def test_a_start_killed_at_any_step_is_finished_by_the_next_one(tmp_path):
+    import base64
+    import urllib.error
+
+    import psycopg
+
+    root = services_folder()
+    env = {**os.environ, "SERVICES_DIR": str(root)}
+    ports = [str(free_port()), str(free_port())]
+    running = Services(root)
+    script = tmp_path / "killed_start.py"
+    script.write_text(KILLED_START)
+    try:
+        first_state = None
+        for point in KILL_POINTS:
+            killed = subprocess.run([sys.executable, str(script), *point, *ports], capture_output=True, text=True, env=env,
+                                    timeout=300, cwd=Path(__file__).parents[1])
+            assert killed.returncode == -signal.SIGKILL, (point, killed.stdout + killed.stderr)  # it got there
+            first_state = first_state or running.state() or None
+        done = subprocess.run([*SERVICES_COMMAND, "start", "--pg-port", ports[0], "--mlflow-port", ports[1]],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count(": running") == 2, done.stdout
+
+        state = running.state()
+        assert {key: state[key] for key in ("password", "mlflow_password", "pg_port", "mlflow_port")} == \
+            {key: first_state[key] for key in ("password", "mlflow_password", "pg_port", "mlflow_port")}
+        assert not (root / "postgres.partial").exists()
+        assert [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if running._is_our_server(pid)] \
+            == [state["mlflow_pid"]]  # one server, recorded
+        with psycopg.connect(running.database_url("postgres"), autocommit=True) as connection:
+            databases = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
+        assert {"optuna", "mlflow", "mlflow_auth"} <= databases
+        assert running.storage_url_file.read_text() == running.database_url("optuna")
+        optuna.create_study(study_name="after-kills", storage=running.database_url("optuna"))
+        api = f"{running.tracking_uri()}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(api, timeout=10)
+        assert refused.value.code == 401
+        login = base64.b64encode(f"admin:{state['mlflow_password']}".encode()).decode()
+        request = urllib.request.Request(api, headers={"Authorization": f"Basic {login}"})
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+    finally:
+        subprocess.run([*SERVICES_COMMAND, "stop"], env=env, timeout=120)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
