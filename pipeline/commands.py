@@ -125,7 +125,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from pipeline.search.study import check_study_matches
     from pipeline.search.study_file import load_study
     from pipeline.search.summary import format_summary
-    from pipeline.stores import check_tracking_store, heartbeat_seconds, open_storage, redact, storage_url
+    from pipeline.stores import check_tracking_store, heartbeat_seconds, opened_storage, redact, storage_url
     from pipeline.tracking import session_tracker
 
     settings = parse_overrides(args.overrides)
@@ -161,7 +161,8 @@ def run_tune(args: argparse.Namespace) -> int:
           f"session seed {session.session_seed}", flush=True)
     # A wrong URL or password, or a study of that name training another model family: one line, before any
     # MLflow run exists.
-    check_study_matches(spec, open_storage(session.storage))
+    with opened_storage(session.storage) as storage:
+        check_study_matches(spec, storage)
     tracker = session_tracker(spec, session.storage, enabled=args.tracking, session_seed=session.session_seed)
     try:
         summary = run_session(session, tracker)
@@ -187,7 +188,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     from pipeline.search.study import prepare_study, quiet_optuna
     from pipeline.search.study_file import load_study
     from pipeline.search.summary import count_complete_or_pruned, format_summary
-    from pipeline.stores import check_tracking_store, open_storage, storage_url
+    from pipeline.stores import check_tracking_store, opened_storage, storage_url
     from pipeline.tracking import session_tracker
 
     for flag, value in (("--seconds", args.seconds), ("--max-epochs", args.max_epochs)):
@@ -196,15 +197,16 @@ def run_baseline(args: argparse.Namespace) -> int:
     quiet_optuna()
     spec = load_study(args.study).with_settings(parse_overrides(args.overrides)).with_seed(args.seed)
     storage = storage_url(args.storage)
-    opened = open_storage(storage, must_exist=True)  # the study's pace is read there, whatever the time
-    plan = plan_baseline(spec, opened, seconds=args.seconds, max_epochs=args.max_epochs)
-    if args.tracking:
-        check_tracking_store()
-    baseline = baseline_spec(spec, plan)
-    print(describe_plan(spec, plan), flush=True)
-    study = prepare_study(baseline, opened)
-    queue_baseline(baseline, study)
-    session = Session(spec=baseline, storage=storage, target_trials=count_complete_or_pruned(study) + 1,
+    with opened_storage(storage, must_exist=True) as opened:  # the study's pace is read there, whatever the time
+        plan = plan_baseline(spec, opened, seconds=args.seconds, max_epochs=args.max_epochs)
+        if args.tracking:
+            check_tracking_store()
+        baseline = baseline_spec(spec, plan)
+        print(describe_plan(spec, plan), flush=True)
+        study = prepare_study(baseline, opened)
+        queue_baseline(baseline, study)
+        target = count_complete_or_pruned(study) + 1
+    session = Session(spec=baseline, storage=storage, target_trials=target,
                       timeout=None, device=args.device, final_phase=False, promote=False)
     try:
         summary = run_session(session, session_tracker(baseline, storage, enabled=args.tracking,
@@ -249,11 +251,12 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     from pipeline.paths import REPORTS_DIR
     from pipeline.search.study import quiet_optuna
-    from pipeline.stores import configure_mlflow, open_storage, storage_url
+    from pipeline.stores import configure_mlflow, opened_storage, storage_url
 
     quiet_optuna()
     reports = reports_folder(args.reports_dir or REPORTS_DIR)
-    records = compare(open_storage(storage_url(args.storage), must_exist=True), args.studies, args.rungs)
+    with opened_storage(storage_url(args.storage), must_exist=True) as storage:
+        records = compare(storage, args.studies, args.rungs)
     references = pick_references(records, args.reference)
     time_to_reference(records, references)
     groups = group_records(records)

@@ -13,6 +13,7 @@ import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError, first_line
@@ -116,6 +117,24 @@ def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
         reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
                            f"{_storage_fix(reason, url)}") from None
+
+
+def close_storage(storage) -> None:
+    """Give back an RDB storage's database connections (its engine's pool: file handles on SQLite,
+    connection slots on a PostgreSQL server); a journal file's storage holds none."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+@contextmanager
+def opened_storage(url: str, **options):
+    """``open_storage(url, **options)`` for the length of a block, closed after it."""
+    storage = open_storage(url, **options)
+    try:
+        yield storage
+    finally:
+        close_storage(storage)
 
 
 def _storage_file(url: str) -> Path | None:

@@ -172,6 +172,27 @@ def test_two_sessions_at_once_on_one_study_sample_different_configurations(tmp_p
     assert len(drawn) >= 7 and all(drawn.count(params) == 1 for params in drawn), drawn
 
 
+def open_files_under(folder) -> list[str]:
+    """The files under ``folder`` this process holds open (its database connections, on SQLite)."""
+    import os
+
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return sorted(path for path in held if path.startswith(str(folder)))
+
+
+def test_a_session_gives_back_its_storage_connections(tmp_path, synthetic_env):
+    # A process that runs sessions one after another (a notebook, a scheduler) must not pile up
+    # connections: file handles here, a PostgreSQL server's connection slots in the shared setup.
+    for trials in (1, 2, 3):
+        run_session(session(tmp_path, trials=trials, epochs=1))
+        assert open_files_under(tmp_path) == []
+
+
 def test_a_garbage_test_split_does_not_change_a_study(tmp_path, synthetic_dir, monkeypatch):
     """Two stores, two datasets that differ only in their test files (the second's are noise): the same
     seeded study must come out the same, trial for trial."""

@@ -16,7 +16,7 @@ from pipeline.search.study import prepare_study, quiet_optuna
 from pipeline.search.study_file import StudySpec, new_session_seed
 from pipeline.search.summary import count_complete_or_pruned, summarize
 from pipeline.search.workers import run_worker_processes, work
-from pipeline.stores import open_storage
+from pipeline.stores import close_storage, open_storage
 from pipeline.tracking import NullSessionTracker
 
 
@@ -46,26 +46,31 @@ def run_session(session: Session, tracker=None) -> dict:
     fails, promotion included, the parent run ends (FAILED, or KILLED on Ctrl-C) and the first error
     is the one raised."""
     tracker = tracker or NullSessionTracker()
-    spec, study, started = session.spec, None, time.time()
+    spec, storage, study, started = session.spec, None, None, time.time()
     try:
-        quiet_optuna()
-        study = prepare_study(spec, open_storage(session.storage))
-        trial_trackers = tracker.trial_trackers()
-        search = replace(session, timeout=_search_timeout(session))
-        if session.workers == 1:
-            work(search, trial_trackers, worker=0, started=started)
-        else:
-            run_worker_processes(search, trial_trackers, started)
-        if spec.final and session.final_phase:
-            _final_phase(session, study, trial_trackers, started)
-        summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
-        promotion = tracker.promote(study) if session.promote else None
-    except BaseException as error:  # the parent run ends with the session, never left RUNNING
-        _finish_after(error, tracker, study, spec, started)
-        raise
-    if promotion:
-        summary["promotion"] = promotion
-    tracker.finish(study, summary)
+        try:
+            quiet_optuna()
+            storage = open_storage(session.storage)
+            study = prepare_study(spec, storage)
+            trial_trackers = tracker.trial_trackers()
+            search = replace(session, timeout=_search_timeout(session))
+            if session.workers == 1:
+                work(search, trial_trackers, worker=0, started=started)
+            else:
+                run_worker_processes(search, trial_trackers, started)
+            if spec.final and session.final_phase:
+                _final_phase(session, study, trial_trackers, started)
+            summary = summarize(study, max_epochs=spec.max_epochs, seconds=time.time() - started)
+            promotion = tracker.promote(study) if session.promote else None
+        except BaseException as error:  # the parent run ends with the session, never left RUNNING
+            _finish_after(error, tracker, study, spec, started)
+            raise
+        if promotion:
+            summary["promotion"] = promotion
+        tracker.finish(study, summary)  # its figures read the study: the storage closes after
+    finally:
+        if storage is not None:
+            close_storage(storage)
     summary.update(tracker.summary_fields())
     summary["session_seconds"] = round(time.time() - started, 1)
     summary["session_seed"] = session.session_seed

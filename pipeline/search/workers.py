@@ -30,7 +30,7 @@ from pipeline.search.objective import TRIAL_ERRORS, Objective
 from pipeline.search.study import open_study, quiet_optuna
 from pipeline.search.study_file import worker_sampler_seed
 from pipeline.search.summary import COMPLETE_OR_PRUNED, ProgressLine, count_complete_or_pruned, count_failed
-from pipeline.stores import StorageError, database_problem, open_storage
+from pipeline.stores import StorageError, close_storage, database_problem, open_storage
 
 # The storage went away (a database restart, a network cut): the worker waits for it, then goes on.
 # A query cut short leaves its session needing a rollback, which is what the next one raises.
@@ -142,56 +142,61 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
         device = torch.device("cuda", worker % torch.cuda.device_count())  # one worker per GPU
     configure_cpu_threads(session.workers)
     quiet_optuna()
-    study = _open_for_worker(session, trial_trackers, worker)
+    storage, study = _open_for_worker(session, trial_trackers, worker)
     objective = None
     deadline = None if session.timeout is None else started + session.timeout
     gate = InterruptGate()
     losses = StorageLosses()
-    while True:
-        try:
-            # Failed trials do not count towards the target, so go round until enough have finished.
-            remaining = session.target_trials - count_complete_or_pruned(study)
-            seconds_left = None if deadline is None else deadline - time.time()
-            if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
+    try:
+        while True:
+            try:
+                # Failed trials do not count towards the target, so go round until enough have finished.
+                remaining = session.target_trials - count_complete_or_pruned(study)
+                seconds_left = None if deadline is None else deadline - time.time()
+                if remaining <= 0 or (seconds_left is not None and seconds_left <= 0):
+                    return
+                if objective is None:
+                    def new_bar(trial_number, epochs):  # one line per worker on a terminal
+                        return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
+
+                    objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
+                                          checkpoints=True, seeds=sampler_seeds(session, worker))
+                before = count_complete_or_pruned(study)
+                failed_before = count_failed(study)
+                with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
+                    study.optimize(
+                        gate.objective(objective),
+                        n_trials=remaining,
+                        timeout=seconds_left,
+                        catch=TRIAL_ERRORS,  # a diverged or out-of-memory trial is FAIL with its reason; the study goes on
+                        callbacks=[
+                            # The target across workers: each stops once the study has enough.
+                            optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
+                            ProgressLine(started, spec.max_epochs),
+                            losses,
+                            gate.after_trial,
+                        ],
+                    )
+            except Exception as error:
+                lost = storage_loss(error)
+                if lost is None or not losses.lost():
+                    raise
+                print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
+                      f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
+                lost_storage = storage
+                storage, study = _open_for_worker(session, trial_trackers, worker, patience=RECONNECT_SECONDS)
+                close_storage(lost_storage)
+                if objective is not None and objective.current_trial is not None:
+                    _retry_lost_trial(study, objective.current_trial, trial_trackers)
+                continue
+            out_of_time = deadline is not None and time.time() >= deadline
+            if count_complete_or_pruned(study) == before and not out_of_time:
+                failed = count_failed(study) - failed_before
+                print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
                 return
-            if objective is None:
-                def new_bar(trial_number, epochs):  # one line per worker on a terminal
-                    return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
 
-                objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
-                                      checkpoints=True, seeds=sampler_seeds(session, worker))
-            before = count_complete_or_pruned(study)
-            failed_before = count_failed(study)
-            with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
-                study.optimize(
-                    gate.objective(objective),
-                    n_trials=remaining,
-                    timeout=seconds_left,
-                    catch=TRIAL_ERRORS,  # a diverged or out-of-memory trial is FAIL with its reason; the study goes on
-                    callbacks=[
-                        # The target across workers: each stops once the study has enough.
-                        optuna.study.MaxTrialsCallback(session.target_trials, states=COMPLETE_OR_PRUNED),
-                        ProgressLine(started, spec.max_epochs),
-                        losses,
-                        gate.after_trial,
-                    ],
-                )
-        except Exception as error:
-            lost = storage_loss(error)
-            if lost is None or not losses.lost():
-                raise
-            print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
-                  f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
-            study = _open_for_worker(session, trial_trackers, worker, patience=RECONNECT_SECONDS)
-            if objective is not None and objective.current_trial is not None:
-                _retry_lost_trial(study, objective.current_trial, trial_trackers)
-            continue
-        out_of_time = deadline is not None and time.time() >= deadline
-        if count_complete_or_pruned(study) == before and not out_of_time:
-            failed = count_failed(study) - failed_before
-            print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
-            return
-
+    finally:
+        close_storage(storage)  # its connections: a file handle, a server's connection slot
 
 def sampler_seeds(session, worker: int) -> dict:
     """What each trial of this worker records of its sampler's seed: enough to replay the session."""
@@ -210,14 +215,18 @@ def storage_loss(error: BaseException | None) -> BaseException | None:
 
 
 def _open_for_worker(session, trial_trackers, worker: int, patience: float = 0):
-    """The study, through a storage whose stale-trial callback also marks the trial's MLflow run;
-    with ``patience``, retried until the storage answers again or that many seconds pass."""
+    """The storage and the study through it; the storage's stale-trial callback also marks the trial's
+    MLflow run. With ``patience``, retried until the storage answers again or that many seconds pass;
+    each failed attempt's storage is closed."""
     give_up = time.time() + patience
     while True:
+        storage = None
         try:
-            return open_study(session.spec, open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial),
-                              worker=worker, session_seed=session.session_seed)
+            storage = open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial)
+            return storage, open_study(session.spec, storage, worker=worker, session_seed=session.session_seed)
         except Exception as error:
+            if storage is not None:
+                close_storage(storage)
             if not (isinstance(error, StorageError) or storage_loss(error)) or time.time() >= give_up:
                 raise
             time.sleep(2)
