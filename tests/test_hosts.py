@@ -207,7 +207,8 @@ def test_the_printed_exports_name_the_network_address_and_its_login_rule_is_writ
     printed, exports, root, env = services
     state = json.loads((root / "services.json").read_text())
     assert f"PostgreSQL on {SERVICES}:{state['pg_port']}; password logins from {SESSIONS_NETWORK}: running" in printed
-    assert f"MLflow tracking server on http://{SERVICES}:{state['mlflow_port']}: running" in printed
+    assert f"MLflow tracking server on http://{SERVICES}:{state['mlflow_port']}, login admin (password in " \
+           f"{root / 'mlflow-password'}): running" in printed
     assert f"export MLFLOW_TRACKING_URI=http://{SERVICES}:{state['mlflow_port']}" in exports
     assert f"@{SERVICES}:{state['pg_port']}/optuna" in (root / "optuna-storage-url").read_text()
     assert "127.0.0.1" not in exports and state["password"] not in printed
