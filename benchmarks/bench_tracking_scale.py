@@ -126,7 +126,7 @@ def build_store(root: Path, runs: int) -> dict:
     from optuna.trial import TrialState
 
     from pipeline.experiments import EXPERIMENT_TAGS, ensure_experiment, environment_tags, param_value
-    from pipeline.search import attrs
+    from pipeline import attrs
     from pipeline.search.study import prepare_study, quiet_optuna
     from pipeline.search.study_file import load_study
     from pipeline.stores import open_storage, redact

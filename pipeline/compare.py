@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from pipeline.config import ConfigError
 from pipeline.paths import REPORTS_DIR
 from pipeline.progress import clock
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.summary import against_default, busy_seconds, epoch_counts, format_correlation, rung_report
 
 NEAR_BEST = 0.002  # "came within 0.2 points of its own best"

@@ -144,7 +144,7 @@ def promote_best_trial(study) -> dict | None:
         best = study.best_trial
     except ValueError:  # no complete trial
         return None
-    from pipeline.search import attrs
+    from pipeline import attrs
 
     model_uri, run_id = best.user_attrs.get(attrs.MODEL_URI), best.user_attrs.get(attrs.MLFLOW_RUN_ID)
     if not model_uri:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.search.attrs import FAIL_REASON
+from pipeline.attrs import FAIL_REASON
 
 SESSION_KIND = "tuning-session"  # the `kind` tag of a session's parent run
 HOST, PID, HEARTBEAT = "session_host", "session_pid", "session_heartbeat"

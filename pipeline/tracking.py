@@ -17,7 +17,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import Splits
 from pipeline.errors import first_line
 from pipeline.experiments import dataset_input, ensure_experiment, environment_tags, log_confusion_matrix, log_values
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
 

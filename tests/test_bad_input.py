@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from pipeline.__main__ import main
 from pipeline.paths import STUDIES_DIR
-from pipeline.search import attrs
+from pipeline import attrs
 from tests.conftest import idx_bytes, write_dataset
 from tests.shrunk import session
 

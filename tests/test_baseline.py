@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from pipeline.__main__ import main
 from pipeline.registry import REGISTERED_MODEL
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study_file import load_study
 from tests.shrunk import settings, storage_in
 

@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.__main__ import main
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.stores import open_storage
 
 T0 = datetime.datetime(2026, 11, 25, 12, 0, 0)

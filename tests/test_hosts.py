@@ -46,7 +46,7 @@ TRIALS = 6  # the study's target, shared by both sessions
 CHECK_STUDY = """
 import json, mlflow, optuna, os
 from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
-from pipeline.search import attrs
+from pipeline import attrs
 study = optuna.load_study(study_name="mlp", storage=os.environ["OPTUNA_STORAGE"])
 client = mlflow.MlflowClient()
 trials = []

@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline.data import CUSTOM_ENV_VAR
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.session_runs import ENDED_BECAUSE, PID, SESSION_KIND
 from pipeline.stores import open_storage
 from tests.shrunk import LEARNS, tune_command

@@ -6,7 +6,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study import requeue_interrupted
 from pipeline.search.summary import against_default, default_trial, format_summary, rank_correlation, rung_report
 

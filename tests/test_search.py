@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.paths import STUDIES_DIR
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.objective import Objective
 from pipeline.search.session import run_session
 from pipeline.search.study import open_study

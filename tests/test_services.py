@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from pipeline.data import CUSTOM_ENV_VAR
 from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
 from tests.conftest import free_port

@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline.compare import compare
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study import check_study_matches, prepare_study, warm_start_params
 from pipeline.search.study_file import load_study
 from pipeline.stores import open_storage

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline.data import make_splits
 from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.session import run_session
 from pipeline.search.summary import format_summary
 from pipeline.stores import StorageError

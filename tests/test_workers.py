@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 import pipeline.search.objective as objective
 from pipeline.paths import STUDIES_DIR
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.session import run_session
 from pipeline.search.workers import MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL
 from tests.shrunk import LEARNS, enqueue, session, storage_in

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import optuna
 
 from pipeline.progress import clock
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
 from pipeline.search.summary import busy_seconds
 

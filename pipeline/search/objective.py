@@ -20,7 +20,7 @@ from pipeline.checkpoints import NoCheckpoint, TrialCheckpoint
 from pipeline.data import FashionMNIST, Splits, data_seen, make_splits
 from pipeline.errors import first_line
 from pipeline.progress import NoBar
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study_file import StudySpec
 from pipeline.tracking import NullTrialTrackers
 from pipeline.train import EpochMetrics, NonFiniteLossError, train

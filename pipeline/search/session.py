@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from pipeline.errors import first_line
 from pipeline.progress import clock
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study import prepare_study, quiet_optuna
 from pipeline.search.study_file import StudySpec, new_session_seed
 from pipeline.search.summary import count_complete_or_pruned, summarize

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
 
 

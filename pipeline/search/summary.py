@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.progress import clock
-from pipeline.search import attrs
+from pipeline import attrs
 
 # Trials that count towards a study's target: complete or pruned (FAIL does not; its retry will).
 COMPLETE_OR_PRUNED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -24,7 +24,7 @@ from pipeline.data import load_fashion_mnist
 from pipeline.device import configure_cpu_threads, pick_device
 from pipeline.errors import PipelineError
 from pipeline.progress import epoch_bar
-from pipeline.search import attrs
+from pipeline import attrs
 from pipeline.search.interrupts import InterruptGate
 from pipeline.search.objective import TRIAL_ERRORS, Objective
 from pipeline.search.study import open_study, quiet_optuna
