@@ -247,8 +247,8 @@ def run_compare(args: argparse.Namespace) -> int:
         log_comparison,
         pick_references,
         time_to_reference,
-        write_page,
     )
+    from pipeline.compare_page import write_page
     from pipeline.paths import REPORTS_DIR
     from pipeline.search.study import quiet_optuna
     from pipeline.stores import configure_mlflow, opened_storage, storage_url

@@ -17,7 +17,6 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import ConfigError
-from pipeline.paths import REPORTS_DIR
 from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.summary import against_default, busy_seconds, epoch_counts, format_correlation, rung_report
@@ -314,16 +313,6 @@ def compare(storage, names: list[str] | None = None, rungs: list[int] | None = N
                              f"Fix: run `make tune STUDY={missing[0]}` first, or pick from the list.")
     records = [describe(optuna.load_study(study_name=name, storage=storage), rungs) for name in names or known]
     return records if names else sorted(records, key=lambda r: (r.group, r.seed or 0, r.study))
-
-
-def write_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference],
-               folder=REPORTS_DIR) -> Path:
-    from pipeline.compare_page import comparison_page
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "compare.html"
-    path.write_text(comparison_page(records, groups, references))
-    return path
 
 
 def log_comparison(records: list[StudyRecord], groups: list[GroupRecord], page_path) -> str:

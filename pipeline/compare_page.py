@@ -6,6 +6,7 @@ at its accuracy. Self-contained: plotly.js is inlined once."""
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 from pipeline.compare import (
     GroupRecord,
@@ -17,6 +18,7 @@ from pipeline.compare import (
     points_over_default,
     study_to_reference,
 )
+from pipeline.paths import REPORTS_DIR
 from pipeline.progress import clock
 from pipeline.search.summary import format_correlation
 
@@ -30,6 +32,15 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 p.note { font-size: 0.85em; color: #444; max-width: 70em; }
 </style>"""
+
+
+def write_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference],
+               folder: Path = REPORTS_DIR) -> Path:
+    """reports/compare.html (or ``folder``/compare.html); returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "compare.html"
+    path.write_text(comparison_page(records, groups, references))
+    return path
 
 
 def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference]) -> str:
