@@ -66,8 +66,7 @@ def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool)
         configure_mlflow()
         mlflow.MlflowClient().search_experiments()  # creates the store's tables
     started = time.perf_counter()
-    summary = run_session(session, session_tracker(session.spec, session.storage, enabled=tracking,
-                                                    session_seed=session.session_seed))
+    summary = run_session(session, session_tracker(session, enabled=tracking))
     return time.perf_counter() - started, summary
 
 

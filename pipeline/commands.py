@@ -121,10 +121,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_tune(args: argparse.Namespace) -> int:
     from pipeline.checkpoints import check_checkpoint_dir
     from pipeline.device import available_cpus, pick_device
-    from pipeline.search.session import Session, run_session
+    from pipeline.search.session import Session
     from pipeline.search.study import check_study_matches
     from pipeline.search.study_file import load_study
-    from pipeline.search.summary import format_summary
     from pipeline.stores import check_tracking_store, heartbeat_seconds, opened_storage, redact, storage_url
     from pipeline.tracking import session_tracker
 
@@ -163,15 +162,24 @@ def run_tune(args: argparse.Namespace) -> int:
     # MLflow run exists.
     with opened_storage(session.storage) as storage:
         check_study_matches(spec, storage)
-    tracker = session_tracker(spec, session.storage, enabled=args.tracking, session_seed=session.session_seed)
+    return run_and_report(session, session_tracker(session, enabled=args.tracking), as_json=args.json,
+                          interrupted=f"finished trials are kept in {redact(session.storage)}; run the same "
+                                      f"command again to continue study {spec.name}")
+
+
+def run_and_report(session, tracker, *, as_json: bool, interrupted: str) -> int:
+    """Run a tuning or baseline session, then print its summary (and as JSON); Ctrl-C is one line
+    saying what is kept, exit code 130."""
+    from pipeline.search.session import run_session
+    from pipeline.search.summary import format_summary
+
     try:
         summary = run_session(session, tracker)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished trials are kept in {redact(session.storage)}; "
-              f"run the same command again to continue study {spec.name}", file=sys.stderr)
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         return 130
     print("\n" + format_summary(summary))
-    if args.json:
+    if as_json:
         print(json.dumps(summary))
     return 0
 
@@ -184,10 +192,10 @@ def check_session_seed(seed: int) -> int:
 
 def run_baseline(args: argparse.Namespace) -> int:
     from pipeline.search.baseline import baseline_spec, describe_plan, plan_baseline, queue_baseline
-    from pipeline.search.session import Session, run_session
+    from pipeline.search.session import Session
     from pipeline.search.study import prepare_study, quiet_optuna
     from pipeline.search.study_file import load_study
-    from pipeline.search.summary import count_complete_or_pruned, format_summary
+    from pipeline.search.summary import count_complete_or_pruned
     from pipeline.stores import check_tracking_store, opened_storage, storage_url
     from pipeline.tracking import session_tracker
 
@@ -208,16 +216,8 @@ def run_baseline(args: argparse.Namespace) -> int:
         target = count_complete_or_pruned(study) + 1
     session = Session(spec=baseline, storage=storage, target_trials=target,
                       timeout=None, device=args.device, final_phase=False, promote=False)
-    try:
-        summary = run_session(session, session_tracker(baseline, storage, enabled=args.tracking,
-                                                       session_seed=session.session_seed))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to train the baseline of {spec.name}", file=sys.stderr)
-        return 130
-    print("\n" + format_summary(summary))
-    if args.json:
-        print(json.dumps(summary))
-    return 0
+    return run_and_report(session, session_tracker(session, enabled=args.tracking), as_json=args.json,
+                          interrupted=f"run the same command again to train the baseline of {spec.name}")
 
 
 def run_evaluate_best(args: argparse.Namespace) -> int:

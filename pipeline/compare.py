@@ -8,7 +8,6 @@ between sessions do not count and parallel workers are not counted twice.
 
 from __future__ import annotations
 
-import bisect
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,14 @@ from optuna.trial import TrialState
 from pipeline.config import ConfigError
 from pipeline.progress import clock
 from pipeline import attrs
-from pipeline.search.summary import against_default, busy_seconds, epoch_counts, format_correlation, rung_report
+from pipeline.search.summary import (
+    against_default,
+    busy_seconds,
+    busy_seconds_until,
+    epoch_counts,
+    format_correlation,
+    rung_report,
+)
 
 NEAR_BEST = 0.002  # "came within 0.2 points of its own best"
 
@@ -99,27 +105,6 @@ def describe(study: optuna.Study, rungs: list[int] | None = None) -> StudyRecord
         values=[t.value for t in trials if t.state == TrialState.COMPLETE], group=study_group(study), kind=kind,
         seed=about.get(attrs.STUDY_SEED), against_default=against_default(trials) if kind == "search" else None,
         pruning=rung_report(trials, rungs) if rungs else None)
-
-
-def busy_seconds_until(spans: list[tuple[float, float]], moments: list[float]) -> list[float]:
-    """``summary.busy_seconds(spans, until=m)`` for each moment m, from one pass over the spans: the
-    union of the intervals is merged once, then each moment is a binary search into it. Called per
-    trial, busy_seconds sorts every span again: 13 s for a study of 10,000 trials."""
-    merged: list[list[float]] = []  # the union of the spans: disjoint, sorted
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    starts = [start for start, _ in merged]
-    before = [0.0]  # busy seconds before each merged interval
-    for start, end in merged:
-        before.append(before[-1] + end - start)
-    result = []
-    for moment in moments:
-        i = bisect.bisect_left(starts, moment)  # intervals that start before the moment
-        result.append(before[i - 1] + max(0.0, min(merged[i - 1][1], moment) - merged[i - 1][0]) if i else 0.0)
-    return result
 
 
 def study_group(study: optuna.Study) -> str:

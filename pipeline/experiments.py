@@ -12,6 +12,7 @@ from importlib.metadata import version
 
 import numpy as np
 
+from pipeline.attrs import FAIL_REASON
 from pipeline.paths import REPO_ROOT
 
 PACKAGES = ("torch", "torchvision", "optuna", "mlflow", "numpy", "scikit-learn")
@@ -67,6 +68,13 @@ def log_values(client, run_id: str, values: dict[str, float], *, step: int = 0, 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
                      params=[Param(k, param_value(v)) for k, v in (params or {}).items()])
+
+
+def end_run(client, run_id: str, status: str, reason: str, *, reason_tag: str = FAIL_REASON) -> None:
+    """End a run with ``status`` (FAILED, or KILLED for a session), saying why in ``reason_tag``: the
+    tag is written first, so a run the UI shows ended always says why."""
+    client.set_tag(run_id, reason_tag, reason[:5000])  # MLflow's limit on a tag's value is 8,000
+    client.set_terminated(run_id, status)
 
 
 def dataset_input(dataset, seen):

@@ -25,6 +25,7 @@ from pathlib import Path
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.attrs import FAIL_REASON
+from pipeline.experiments import end_run
 
 SESSION_KIND = "tuning-session"  # the `kind` tag of a session's parent run
 HOST, PID, HEARTBEAT = "session_host", "session_pid", "session_heartbeat"
@@ -139,8 +140,7 @@ def _has_ended(client, run_id: str) -> bool:
 
 
 def _end(client, run, status: str, tag: str, reason: str) -> str:
-    client.set_tag(run.info.run_id, tag, reason)
-    client.set_terminated(run.info.run_id, status)
+    end_run(client, run.info.run_id, status, reason, reason_tag=tag)
     return f"run {run.info.run_name} ({run.info.run_id}) left RUNNING, ended as {status}: {reason}"
 
 

@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass
 from pipeline.config import TrainConfig
 from pipeline.data import Splits
 from pipeline.errors import first_line
-from pipeline.experiments import dataset_input, ensure_experiment, environment_tags, log_confusion_matrix, log_values
+from pipeline.experiments import (
+    dataset_input,
+    end_run,
+    ensure_experiment,
+    environment_tags,
+    log_confusion_matrix,
+    log_values,
+)
 from pipeline import attrs
 from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
 
@@ -135,8 +142,7 @@ class TrialTracker:
         except Exception as error:  # the trial is failing already: its reason matters more than its last epochs
             print(f"note: run {self.run_id}: its last epoch metrics were not all written ({first_line(error)})",
                   flush=True)
-        self.client.set_tag(self.run_id, attrs.FAIL_REASON, reason[:5000])
-        self.client.set_terminated(self.run_id, "FAILED")
+        end_run(self.client, self.run_id, "FAILED", reason)
 
 
 class NullTrialTracker:
@@ -197,9 +203,7 @@ class TrialTrackers:
             client = mlflow.MlflowClient()
             if client.get_run(run_id).info.status != "RUNNING":
                 return
-            client.set_tag(run_id, attrs.FAIL_REASON,
-                           reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
-            client.set_terminated(run_id, "FAILED")
+            end_run(client, run_id, "FAILED", reason or "its worker stopped (killed?): no heartbeat; the trial is retried")
         except Exception as error:  # the tracking store is away: Optuna's retry of the trial must still happen
             print(f"could not mark MLflow run {run_id} of trial {trial.number} FAILED: {error}", flush=True)
 
@@ -291,13 +295,13 @@ class SessionTracker:
         self.client.set_terminated(self.run_id, status)
 
 
-def session_tracker(spec, storage: str, *, enabled: bool = True, session_seed: int | None = None):
-    """The tracker a tuning session gets: a SessionTracker (MLflow), or with ``enabled`` False the null one.
-    ``session_seed`` (the Session's) tags the session's run and its trials' runs."""
+def session_tracker(session, *, enabled: bool = True):
+    """The tracker a tuning Session gets: a SessionTracker (MLflow), or with ``enabled`` False the null
+    one. The session's seed tags its run and its trials' runs."""
     if not enabled:
         return NullSessionTracker()
-    seeded = {} if session_seed is None else {"session_seed": str(session_seed)}
-    return SessionTracker(spec.name, {**study_tags(spec, storage), **seeded})
+    return SessionTracker(session.spec.name, {**study_tags(session.spec, session.storage),
+                                              "session_seed": str(session.session_seed)})
 
 
 def study_tags(spec, storage: str) -> dict[str, str]:

@@ -45,7 +45,7 @@ def session(folder, study: str = "mlp", *, trials: int, epochs: int = 3, timeout
 
 def tracker_for(session: Session):
     """The MLflow session tracker the CLI would wire for this session."""
-    return session_tracker(session.spec, session.storage, session_seed=session.session_seed)
+    return session_tracker(session)
 
 
 def enqueue(folder, study: str, *trials: dict) -> None:

@@ -16,7 +16,8 @@ import optuna
 from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
-from pipeline.search.summary import busy_seconds
+from pipeline.search.session import epochs_that_fit
+from pipeline.search.summary import busy_seconds, default_trials
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,8 @@ def plan_baseline(spec: StudySpec, storage, *, seconds: float | None = None,
                              f"pace. Fix: run `make tune STUDY={spec.name}` first") from None
     check_has_default(spec)
     trials = study.get_trials(deepcopy=False)
-    # The default's trial: marked so; in a study from before the mark, the one with the file's values. Its
-    # own parameters, sampled ones included when the recipe sets only some of the searched fields.
-    ran_default = [t for t in trials
-                   if (t.user_attrs.get(attrs.DEFAULT_CONFIGURATION) or t.params == spec.enqueue[0])
-                   and not attrs.is_final_run(t) and t.user_attrs.get(attrs.EPOCH_SECONDS)]
+    # Its own parameters, sampled ones included when the recipe sets only some of the searched fields.
+    ran_default = [t for t in default_trials(trials, spec.enqueue[0]) if t.user_attrs.get(attrs.EPOCH_SECONDS)]
     if not ran_default:
         raise StudyFileError(f"study {spec.name!r} has no trial of its default configuration with a recorded "
                              f"pace ({attrs.EPOCH_SECONDS}) to plan the baseline with. Fix: run `make tune "
@@ -62,9 +60,9 @@ def plan_baseline(spec: StudySpec, storage, *, seconds: float | None = None,
                  if t.datetime_start and t.datetime_complete]
         seconds = busy_seconds(spans)
     cap = max_epochs or (spec.final.max_epochs if spec.final else None)
-    fit = max(1, int(seconds / pace))
-    return BaselinePlan(params=default.params, seconds=seconds, pace=pace, epochs=min(fit, cap) if cap else fit,
-                        capped=bool(cap and fit > cap))
+    epochs = max(1, epochs_that_fit(seconds, pace, cap))
+    return BaselinePlan(params=default.params, seconds=seconds, pace=pace, epochs=epochs,
+                        capped=bool(cap and epochs_that_fit(seconds, pace) > cap))
 
 
 def baseline_spec(spec: StudySpec, plan: BaselinePlan) -> StudySpec:

@@ -94,6 +94,13 @@ def _finish_after(error: BaseException, tracker, study, spec: StudySpec, started
               f"session's start ends it", flush=True)
 
 
+def epochs_that_fit(seconds: float, pace: float, cap: int | None = None) -> int:
+    """Whole epochs of ``pace`` seconds each that fit in ``seconds`` (none when no time is left), at
+    most ``cap``: a final phase's length, and a baseline's."""
+    fit = max(0, int(seconds / pace))
+    return min(fit, cap) if cap else fit
+
+
 def _search_timeout(session: Session) -> float | None:
     """The session's timeout less what the final phase keeps for itself (at most half of it)."""
     final = session.spec.final
@@ -129,7 +136,7 @@ def _final_phase(session: Session, study: optuna.Study, trial_trackers, started:
         return
     epochs = spec.final.max_epochs
     if session.timeout is not None:
-        epochs = min(epochs, max(0, int((started + session.timeout - time.time()) / pace)))
+        epochs = epochs_that_fit(started + session.timeout - time.time(), pace, cap=epochs)
     trained = best.user_attrs.get(attrs.MAX_EPOCHS, spec.max_epochs)
     if epochs <= trained:
         print(f"final phase: skipped, {epochs} epochs fit the time left and trial {best.number} ran "

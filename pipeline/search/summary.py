@@ -3,6 +3,7 @@ counts epochs the same way). Optuna and the standard library only: no torch."""
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import time
 from collections import Counter
@@ -130,11 +131,17 @@ def _correlation(pairs: list[tuple[float, float]]) -> float | None:
     return rank_correlation(*zip(*pairs)) if pairs else None
 
 
+def default_trials(trials, default_params: dict | None = None) -> list:
+    """The trials of the study's default configuration, final-phase runs left out: marked so when
+    prepare_study queued them (their retries carry the mark), or, in a study from before the mark,
+    those that ran ``default_params`` (the study file's first configuration), when given."""
+    return [t for t in trials if not attrs.is_final_run(t) and (
+        t.user_attrs.get(attrs.DEFAULT_CONFIGURATION) or (default_params is not None and t.params == default_params))]
+
+
 def default_trial(trials):
-    """The study's default configuration's trial (marked so when prepare_study queued it; its retries
-    carry the mark), once one of them completed."""
-    return next((t for t in trials if t.user_attrs.get(attrs.DEFAULT_CONFIGURATION)
-                 and t.state == TrialState.COMPLETE and not attrs.is_final_run(t)), None)
+    """The study's default configuration's trial, once one of them completed."""
+    return next((t for t in default_trials(trials) if t.state == TrialState.COMPLETE), None)
 
 
 def best_searched_trial(trials):
@@ -153,16 +160,31 @@ def against_default(trials) -> dict | None:
             "best_searched_number": best.number, "best_searched_val_accuracy": best.value}
 
 
-def busy_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
-    """The length of the union of the intervals, counted up to ``until``: the time some trial was
-    running. Gaps between sessions do not count, parallel workers are not counted twice."""
-    total, reach = 0.0, float("-inf")
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the intervals: the time some trial was running. Gaps between
+    sessions do not count, parallel workers are not counted twice."""
+    return busy_seconds_until(spans, [float("inf")])[0]
+
+
+def busy_seconds_until(spans: list[tuple[float, float]], moments: list[float]) -> list[float]:
+    """The busy seconds (see busy_seconds) up to each of ``moments``, from one pass over the spans:
+    their union is merged once, then each moment is a binary search into it (a curve of a study of
+    10,000 trials took 13 s when each moment sorted every span again)."""
+    merged: list[list[float]] = []  # the union of the spans: disjoint, sorted
     for start, end in sorted(spans):
-        end = min(end, until)
-        if end > reach and start < until:
-            total += end - max(start, reach)
-            reach = end
-    return total
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [start for start, _ in merged]
+    before = [0.0]  # busy seconds before each merged interval
+    for start, end in merged:
+        before.append(before[-1] + end - start)
+    result = []
+    for moment in moments:
+        i = bisect.bisect_left(starts, moment)  # intervals that start before the moment
+        result.append(before[i - 1] + max(0.0, min(merged[i - 1][1], moment) - merged[i - 1][0]) if i else 0.0)
+    return result
 
 
 def format_correlation(value: float | None) -> str:
