@@ -44,6 +44,7 @@ def one_error_line(stderr: str) -> str:
     (["--set", "epochs=0"], "config key 'epochs' = 0 is out of range"),
     (["--set", "epochs"], "--set expects KEY=VALUE"),
     (["--set", "model=cnn"], "--set model=cnn contradicts study mlp: it searches 'hidden_sizes'"),
+    (["--session-seed", "-1"], "--session-seed must be an integer from 0 to 4294967295, got -1"),
 ])
 def test_a_bad_tune_value_is_one_line_before_anything_runs(tmp_path, capsys, argv, says):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
