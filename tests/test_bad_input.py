@@ -5,6 +5,8 @@ every case with the test that backs it; this module holds the ones no other modu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -298,33 +300,41 @@ def test_services_on_an_address_this_machine_does_not_have_is_one_line_before_an
     assert not (tmp_path / "svc").exists()  # nothing created, nothing started
 
 
-def test_a_tracking_server_that_refuses_the_host_clients_address_it_by_is_one_line():
-    """What MLflow 3's server does when the Host header is not among its --allowed-hosts (measured in
-    tests/test_hosts.py with the allowance left out): /health answers, every API call is 403."""
+@contextmanager
+def stand_in_server(refuses, status: int, refusal: bytes):
+    """An HTTP server on a free loopback port answering as a tracking server would: ``status`` and
+    ``refusal`` to the requests ``refuses(handler)`` picks, 200 to the others. Yields its URI."""
     import http.server
     import threading
 
-    from pipeline.stores import TrackingStoreError, check_tracking_server
-
-    class HostChecking(http.server.BaseHTTPRequestHandler):
+    class StandIn(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            refused = self.path != "/health"
-            self.send_response(403 if refused else 200)
+            refused = refuses(self)
+            self.send_response(status if refused else 200)
             self.end_headers()
-            self.wfile.write(b"Invalid Host header - possible DNS rebinding attack detected" if refused else b"OK")
+            self.wfile.write(refusal if refused else b"{}")
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostChecking)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with pytest.raises(TrackingStoreError) as raised:
-            check_tracking_server(uri, timeout=5)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_tracking_server_that_refuses_the_host_clients_address_it_by_is_one_line():
+    """What MLflow 3's server does when the Host header is not among its --allowed-hosts (measured in
+    tests/test_hosts.py with the allowance left out): /health answers, every API call is 403."""
+    from pipeline.stores import TrackingStoreError, check_tracking_server
+
+    with stand_in_server(lambda request: request.path != "/health", 403,
+                         b"Invalid Host header - possible DNS rebinding attack detected") as uri:
+        with pytest.raises(TrackingStoreError) as raised:
+            check_tracking_server(uri, timeout=5)
     assert "refuses requests addressed to 127.0.0.1" in str(raised.value)
     assert "Fix: start it with MLFLOW_SERVER_ALLOWED_HOSTS=127.0.0.1,127.0.0.1:*" in str(raised.value)
 
@@ -371,28 +381,13 @@ def test_a_tracking_server_that_asks_for_a_login_it_was_not_given_is_one_line(mo
     call 401 without the right login (measured in tests/test_services.py); the login goes as MLflow's
     client sends it, from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
     import base64
-    import http.server
-    import threading
 
     from pipeline.stores import TrackingStoreError, check_tracking_server
 
     right = "Basic " + base64.b64encode(b"admin:s3cret").decode()
-
-    class LoginChecking(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            refused = self.path != "/health" and self.headers.get("Authorization") != right
-            self.send_response(401 if refused else 200)
-            self.end_headers()
-            self.wfile.write(b"You are not authenticated." if refused else b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginChecking)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
     said = {}
-    try:
+    with stand_in_server(lambda request: request.path != "/health" and request.headers.get("Authorization") != right,
+                         401, b"You are not authenticated.") as uri:
         for case, password in (("none", None), ("wrong", "not-the-password"), ("right", "s3cret")):
             monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
             monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
@@ -404,9 +399,6 @@ def test_a_tracking_server_that_asks_for_a_login_it_was_not_given_is_one_line(mo
                 said[case] = ""
             except TrackingStoreError as error:
                 said[case] = str(error)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert "asks for a login, and none is set in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)" in said["none"]
     assert "asks for a login, and refused the one in" in said["wrong"] and "not-the-password" not in said["wrong"]
     assert all("Fix: export both as `make services` prints them" in said[case] for case in ("none", "wrong"))
