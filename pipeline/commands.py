@@ -343,8 +343,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_services(args: argparse.Namespace) -> int:
-    from pipeline.service_addresses import EVERY_ADDRESS, LOOPBACK, machine_addresses
     from pipeline.services import MLFLOW_ADMIN, Services, services_dir
+    from pipeline.services.addresses import EVERY_ADDRESS, LOOPBACK, machine_addresses
 
     services = Services(services_dir())
     if args.action == "stop":

@@ -321,7 +321,7 @@ def test_workers_ride_out_a_postgresql_restart(services, bigger_synthetic_dir):
         if len(training) == 2 and all(t.intermediate_values for t in training):
             break
         time.sleep(0.2)
-    running.restart_postgres(pause=5)  # down long enough for both workers to need it (each epoch reports)
+    running.postgres.restart(pause=5)  # down long enough for both workers to need it (each epoch reports)
     out, err = finish(session)
 
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -354,11 +354,11 @@ def test_a_study_outlives_a_tracking_server_that_stops_for_30_seconds(services, 
 
     while epochs_reported() < 1 and time.time() < deadline:
         time.sleep(0.2)
-    running.stop_server()
+    running.server.stop()
     before = epochs_reported()
     time.sleep(30)
     during = epochs_reported() - before
-    running.start_server(running.state(), "127.0.0.1")
+    running.server.start(running.state(), "127.0.0.1")
     finish(session, timeout=600)
 
     assert during >= 5  # training went on while the server was away
@@ -420,21 +420,23 @@ def test_the_dashboard_serves_a_postgresql_study_without_showing_the_password(se
 KILLED_START = """
 import os, signal, sys
 from pathlib import Path
-import pipeline.services as services
+from pipeline.services import postgres
+from pipeline.services.postgres import PostgresCluster
+from pipeline.services.tracking_server import TrackingServer
 from pipeline.__main__ import main
 
 how, what, nth, ports = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 def die(*_):
     os.kill(os.getpid(), signal.SIGKILL)
 
-def then_die(name, when=lambda *args: True):
-    real = getattr(services.Services, name)
+def then_die(part, name, when=lambda *args: True):
+    real = getattr(part, name)
     def step(self, *args, **kwargs):
         done = real(self, *args, **kwargs)
         if when(*args):
             die()
         return done
-    setattr(services.Services, name, step)
+    setattr(part, name, step)
 
 if how == "before-replacing":  # a file half-written: its temporary copy is there, not yet renamed over it
     real_replace, seen = os.replace, []
@@ -445,21 +447,21 @@ if how == "before-replacing":  # a file half-written: its temporary copy is ther
         return real_replace(source, target, *args, **kwargs)
     os.replace = replace
 elif how == "after-pg":
-    then_die("pg", when=lambda *args: list(args[:len(what.split())]) == what.split())
+    then_die(PostgresCluster, "pg", when=lambda *args: list(args[:len(what.split())]) == what.split())
 elif how == "during-initdb":  # initdb cut short: its folder holds PG_VERSION but no control file yet
-    real_pg = services.Services.pg
+    real_pg = PostgresCluster.pg
     def pg(self, program, *args, **kwargs):
         done = real_pg(self, program, *args, **kwargs)
         if program == "initdb":
             (Path(args[args.index("-D") + 1]) / "global" / "pg_control").unlink()
             die()
         return done
-    services.Services.pg = pg
+    PostgresCluster.pg = pg
 elif how == "after-databases":  # a kill between two CREATE DATABASE
-    services.DATABASES = services.DATABASES[:1]
-    then_die("_create_databases")
+    postgres.DATABASES = postgres.DATABASES[:1]
+    then_die(PostgresCluster, "_create_databases")
 else:
-    then_die(what)
+    then_die(TrackingServer, what)
 sys.exit(main(["services", "start", "--pg-port", ports[0], "--mlflow-port", ports[1]]))
 """
 
@@ -472,7 +474,7 @@ KILL_POINTS = [
     ("after-pg", "pg_ctl start", ""),  # PostgreSQL running, no databases
     ("after-databases", "", ""),  # one database of three
     ("before-replacing", "mlflow-auth.ini", "1"),  # the server's login settings half-written
-    ("after", "_launch_server", ""),  # the server launched, its process id not recorded
+    ("after", "_launch", ""),  # the server launched, its process id not recorded
     ("before-replacing", "services.json", "2"),  # found by its command line, the state's rewrite cut short
     ("before-replacing", "optuna-storage-url", "1"),  # both up, the clients' URL file half-written
 ]
@@ -506,7 +508,7 @@ def test_a_start_killed_at_any_step_is_finished_by_the_next_one(tmp_path):
         assert {key: state[key] for key in ("password", "mlflow_password", "pg_port", "mlflow_port")} == \
             {key: first_state[key] for key in ("password", "mlflow_password", "pg_port", "mlflow_port")}
         assert not (root / "postgres.partial").exists()
-        assert [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if running._is_our_server(pid)] \
+        assert [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if running.server.is_ours(pid)] \
             == [state["mlflow_pid"]]  # one server, recorded
         with psycopg.connect(running.database_url("postgres"), autocommit=True) as connection:
             databases = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}

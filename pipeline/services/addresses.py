@@ -35,7 +35,7 @@ def login_networks(host: str) -> list[str]:
     """The networks PostgreSQL takes password logins from when bound to ``host``: none beyond
     loopback for loopback; every address for 0.0.0.0 (or ::); else the network of the interface
     that holds the address (a bound address is one of this machine's, so its network is what the
-    user opened the services to). Raises ServicesError, naming this machine's addresses, when
+    user opened the services to). Raises AddressError, naming this machine's addresses, when
     ``host`` is not one of them."""
     if host in LOOPBACK:
         return []
