@@ -111,23 +111,52 @@ def data_cache_dir(tmp_path_factory) -> Iterator[Path]:
         yield folder
 
 
+@pytest.fixture(scope="session")
+def _mlflow_store_template(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made, once for the run: MLflow's migrations take 3-4 s a
+    new store, and every test that tracks would pay them. A test's store starts as a copy: the tables
+    and the Default experiment a new store gets, nothing else."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def absent_mlflow_store(tmp_path) -> Path:
+    """This test's MLflow store is not made in advance (see _isolated_mlflow_store): for a test that
+    checks a command creates none, or that creating one works. Its path."""
+    return tmp_path / "mlflow.db"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow_store(tmp_path, monkeypatch):
+def _isolated_mlflow_store(tmp_path, monkeypatch, request):
     """Every test (and the subprocesses it starts) tracks into its own temporary store, never mlruns/,
-    and keeps its trials' checkpoints in its own folder, never studies/checkpoints/."""
+    and keeps its trials' checkpoints in its own folder, never studies/checkpoints/. The store is a
+    copy of an empty one, its tables made, unless the test asks for an absent_mlflow_store."""
+    import shutil
+
+    if "absent_mlflow_store" not in request.fixturenames:
+        shutil.copyfile(request.getfixturevalue("_mlflow_store_template"), tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="module")
-def shared_store(tmp_path_factory, synthetic_dir):
+def shared_store(tmp_path_factory, synthetic_dir, _mlflow_store_template):
     """A store several tests of one module read, filled once (a tracked study costs seconds): yields a
     function that switches this process to it, and the folder. Tests that write to it must not assume
     they are alone in it."""
     import mlflow
 
     folder = tmp_path_factory.mktemp("shared-store")
+    import shutil
+
+    shutil.copyfile(_mlflow_store_template, folder / "mlflow.db")  # an empty store, its tables made
     uri = f"sqlite:///{folder / 'mlflow.db'}"
 
     def use(monkeypatch):

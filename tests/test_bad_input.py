@@ -48,7 +48,7 @@ def one_error_line(stderr: str) -> str:
     (["--set", "model=cnn"], "--set model=cnn contradicts study mlp: it searches 'hidden_sizes'"),
     (["--session-seed", "-1"], "--session-seed must be an integer from 0 to 4294967295, got -1"),
 ])
-def test_a_bad_tune_value_is_one_line_before_anything_runs(tmp_path, capsys, argv, says):
+def test_a_bad_tune_value_is_one_line_before_anything_runs(tmp_path, capsys, absent_mlflow_store, argv, says):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     code, stderr = run_main(capsys, "tune", "--storage", storage, *argv)
     assert code == 2 and says in one_error_line(stderr)
@@ -198,7 +198,7 @@ FILES_THAT_ARE_NOT_WHAT_THEIR_NAME_SAYS = [
 
 @pytest.mark.parametrize("where, make, says", FILES_THAT_ARE_NOT_WHAT_THEIR_NAME_SAYS)
 def test_a_store_or_folder_that_is_not_what_its_name_says_is_one_line_before_anything_runs(
-        tmp_path, capsys, monkeypatch, synthetic_env, where, make, says):
+        tmp_path, capsys, monkeypatch, synthetic_env, absent_mlflow_store, where, make, says):
     bad = tmp_path / "bad"
     bad.mkdir()
     value = str(make(bad))

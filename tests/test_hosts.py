@@ -60,6 +60,18 @@ print(json.dumps({"trials": trials, "champion": {"version": champion.version, "t
                                                  "val_accuracy": val_accuracy_of(champion)}}))
 """
 
+# The champion as a plain MLflow client scores it from a client host: loaded by its alias, fed the raw test images.
+SCORE_CHAMPION = """
+import json, mlflow, numpy as np
+from pipeline.data import load_fashion_mnist
+from pipeline.registry import CHAMPION, REGISTERED_MODEL
+data = load_fashion_mnist()  # the custom (synthetic) dataset the environment names
+model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
+predicted = np.asarray(model.predict(data.test_images.numpy().astype(np.float32))).argmax(axis=1)
+version = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version
+print(json.dumps({"version": int(version), "test_accuracy": float((predicted == data.test_labels.numpy()).mean())}))
+"""
+
 # Connect to each port of an address; print what happened (connected / refused / unreachable ...).
 PROBE = """
 import json, socket, sys
@@ -258,7 +270,12 @@ def test_two_sessions_on_two_hosts_share_the_study_and_a_third_host_evaluates_th
                        exports=exports, env=env)
     assert evaluated.returncode == 0 and "Traceback" not in evaluated.stderr, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert 0 <= result["test_accuracy"] <= 1
+    scored = run_in(hosts["c"], [sys.executable, "-c", SCORE_CHAMPION], exports=exports, env=env, timeout=120)
+    assert scored.returncode == 0, scored.stderr
+    outside = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert result["version"] == outside["version"]  # the champion was evaluated ...
+    assert result["test_accuracy"] == pytest.approx(outside["test_accuracy"])  # ... and scored as any client scores it
+    assert result["test_accuracy"] >= 0.9  # the best of the trials has learnt the synthetic bars
 
 
 def test_a_wrong_password_from_another_host_is_one_line(hosts, services):

@@ -123,17 +123,25 @@ def test_a_session_beside_a_killed_one_fails_its_trial_as_stale_and_marks_the_ru
     assert [t.state for t in trials if t.system_attrs.get("failed_trial") == target.number] == [TrialState.COMPLETE]
 
 
-def test_two_sessions_starting_at_once_on_a_new_mlflow_store_both_start(tmp_path):
+def test_two_sessions_starting_at_once_on_a_new_mlflow_store_both_start(tmp_path, absent_mlflow_store):
     """MLflow builds a new store's tables on first use, unlocked: two sessions starting together on a
     fresh clone raced to do it, and one died ("table experiments already exists"). Both processes
-    here wait for the same instant, then open the store as a session does, first thing."""
-    start_at = time.time() + 8  # after both have imported MLflow
-    script = ("import sys, time\n"
+    here import MLflow, say so, and wait for the word to go, given to both at once (no fixed wait
+    that must outlast the slower import); then they open the store as a session does, first thing."""
+    script = ("import sys\n"
               "from pipeline.tracking import SessionTracker\n"
-              "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
+              "print('ready', flush=True)\n"
+              "sys.stdin.readline()\n"
               "SessionTracker('mlp', {}).finish(None, None)\n")
-    sessions = [subprocess.Popen([sys.executable, "-c", script, str(start_at)], stdout=subprocess.PIPE,
+    sessions = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for session in sessions:
+        said = session.stdout.readline()
+        assert said == "ready\n", said + session.stdout.read()
+    assert not absent_mlflow_store.exists()  # a new store: its tables are theirs to make
+    for session in sessions:
+        session.stdin.write("go\n")
+        session.stdin.flush()
     outputs = [session.communicate(timeout=120)[0] for session in sessions]
     assert [session.returncode for session in sessions] == [0, 0], outputs
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

@@ -58,16 +58,16 @@ def test_a_study_prunes_bad_trials_fails_diverging_ones_and_goes_on(tmp_path, sy
 
 
 def test_a_new_study_starts_with_the_study_files_configuration(tmp_path, synthetic_env):
-    run_session(session(tmp_path, trials=2))
+    run_session(session(tmp_path, trials=1, epochs=1))
     first = load(tmp_path).trials[0]
     assert first.params == load_study("mlp").enqueue[0]  # `make train`'s defaults, as mlp.toml promises
 
 
 def test_running_a_finished_study_again_adds_nothing(tmp_path, synthetic_env):
-    run_session(session(tmp_path, trials=2))
-    again = run_session(session(tmp_path, trials=2))
+    run_session(session(tmp_path, trials=2, epochs=1))
+    again = run_session(session(tmp_path, trials=2, epochs=1))
     assert again["trials"] == 2
-    bigger = run_session(session(tmp_path, trials=3))
+    bigger = run_session(session(tmp_path, trials=3, epochs=1))
     assert bigger["trials"] == 3
 
 
@@ -80,7 +80,7 @@ def test_pruning_savings_count_each_trial_at_its_own_length(tmp_path, synthetic_
 
 def test_a_journal_file_holds_a_study_that_resumes(tmp_path, synthetic_env):
     journal = str(tmp_path / "mlp.journal")  # a path, not a URL: Optuna's journal file storage
-    first = dataclasses.replace(session(tmp_path, trials=2), storage=journal)
+    first = dataclasses.replace(session(tmp_path, trials=2, epochs=1), storage=journal)
     run_session(first)
     run_session(dataclasses.replace(first, target_trials=3))
     study = optuna.load_study(study_name="mlp", storage=open_storage(journal))

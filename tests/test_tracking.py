@@ -204,7 +204,7 @@ def test_a_better_study_takes_the_champion_alias(tmp_path, synthetic_env):
     assert champion.tags["study"] == "mlp" and int(champion.version) == summary["promotion"]["version"] == 2
 
 
-def test_tuning_works_with_tracking_off(tmp_path, synthetic_env):
+def test_tuning_works_with_tracking_off(tmp_path, synthetic_env, absent_mlflow_store):
     summary = run_session(session(tmp_path, trials=3))  # no tracker: the null one
     assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == 3
     assert "promotion" not in summary and "trial_tracking_seconds" not in summary

@@ -1,5 +1,10 @@
-"""A worker's trial loop as a session runs it: storage losses it recovers from and the one that
-ends it, and a study file edited while the session runs."""
+"""A worker's trial loop as a session runs it: the lost-connection errors it recovers from and the
+ones that end it, and a study file edited while the session runs.
+
+Here the storage never goes away: the trainer raises the error a lost connection raises, on the calls
+chosen, so the counting (how many losses, which trials are failed and run again) is exact and takes
+seconds. A storage that really goes away and comes back, a PostgreSQL server restarted under two
+worker processes, is test_services.py::test_workers_ride_out_a_postgresql_restart."""
 
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ from pipeline.search.workers import MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL
 from tests.shrunk import LEARNS, enqueue, session, storage_in
 
 
-def lose_the_storage_on(monkeypatch, calls_that_fail: set[int]) -> list[int]:
-    """The trainer raises a lost database connection (as a PostgreSQL restart does mid-epoch) on
-    these calls, counted from 1, and trains normally on the others; returns the call log."""
+def raise_lost_connection_on(monkeypatch, calls_that_fail: set[int]) -> list[int]:
+    """The trainer raises the error of a lost database connection (what a PostgreSQL restart raises
+    mid-epoch), while the storage itself stays up, on these calls, counted from 1, and trains
+    normally on the others; returns the call log."""
     real_train, calls = objective.train, []
 
     def train(*args, **kwargs):
@@ -34,8 +40,9 @@ def lose_the_storage_on(monkeypatch, calls_that_fail: set[int]) -> list[int]:
 def test_a_worker_rides_out_storage_losses_that_finished_trials_separate(tmp_path, synthetic_env, monkeypatch,
                                                                         capsys):
     # One more loss than the limit, each after a trial finished: blips hours apart, never a dead storage.
+    # Each loss is the lost-connection error alone (the storage stays up): see the module's docstring.
     losses = MAX_LOSSES_WITHOUT_A_FINISHED_TRIAL + 1
-    calls = lose_the_storage_on(monkeypatch, {2 * i for i in range(1, losses + 1)})
+    calls = raise_lost_connection_on(monkeypatch, {2 * i for i in range(1, losses + 1)})
     enqueue(tmp_path, "mlp", *[LEARNS] * (losses + 1))
     summary = run_session(session(tmp_path, trials=losses + 1, epochs=1))
     assert summary["states"].get("COMPLETE", 0) + summary["states"].get("PRUNED", 0) == losses + 1
@@ -49,7 +56,7 @@ def test_a_worker_rides_out_storage_losses_that_finished_trials_separate(tmp_pat
 
 def test_a_storage_that_keeps_failing_ends_the_worker_with_its_error(tmp_path, synthetic_env, monkeypatch):
     # Losses with no trial finishing between them: the limit is recovered from, the next one ends it.
-    calls = lose_the_storage_on(monkeypatch, set(range(1, 100)))
+    calls = raise_lost_connection_on(monkeypatch, set(range(1, 100)))
     enqueue(tmp_path, "mlp", LEARNS)
     with pytest.raises(sqlalchemy.exc.OperationalError, match="server closed the connection"):
         run_session(session(tmp_path, trials=2, epochs=1))
