@@ -76,7 +76,7 @@ services-status: $(INSTALLED) ## say whether the services run, and where
 test: data ## run the test suite (includes the real-data and slow tests)
 	$(PY) -m pytest $(ARGS)
 
-test-fast: data ## the quick tier: no slow or real-data tests (about a minute)
+test-fast: data ## the quick tier: no slow or real-data tests (about two minutes)
 	$(PY) -m pytest -m 'not slow and not real_data' $(ARGS)
 
 smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final phase, registry, evaluate-best
