@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=int, default=1, help="worker processes on the same study (default: 1)")
     add_seed_option(tune)
     tune.add_argument("--session-seed", type=int, metavar="N",
-                      help="this session's own seed, to replay a session (it is recorded on its MLflow run and on "
-                           "each trial as session_seed); default: a new one each session, so that sessions sharing "
-                           "a study draw different configurations")
+                      help="this session's own seed (recorded on its MLflow run and on each trial as session_seed); "
+                           "given again, with one worker on the study as it was then, a session draws the same "
+                           "configurations; default: a new one each session, so that sessions sharing a study draw "
+                           "different ones")
     tune.add_argument("--no-final", dest="final_phase", action="store_false",
                       help="skip the study file's final phase (the best configuration retrained for longer)")
     add_storage_option(tune)

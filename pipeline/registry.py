@@ -73,23 +73,26 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
     champion = first_read = _champion(client, name)
     if champion is not None and champion.version == version.version:
         return "already champion"
+    written = None  # the version this promotion last moved `champion` to
     if _beats(version, champion):
         client.set_registered_model_alias(name, CHAMPION, version.version)
+        written = version.version
     newer = 0 if first_read is None else int(first_read.version)
     for _ in range(10):
-        champion = _champion(client, name)
+        champion = _champion(client, name, written=written)
         peers = [v for v in client.search_model_versions(f"name='{name}'")
                  if int(v.version) > newer and _comparable(v, version) and val_accuracy_of(v) is not None]
         best = max(peers, key=lambda v: (val_accuracy_of(v), -int(v.version)), default=version)
         if champion is not None and (champion.version == best.version or not _beats(best, champion)):
             break
         client.set_registered_model_alias(name, CHAMPION, best.version)
+        written = best.version
     if champion is not None and champion.version == version.version:
         return "promoted to champion"
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if champion is None:
         return "challenger"
-    if champion.tags.get("dataset_checksum") != version.tags.get("dataset_checksum"):
+    if not _same_data(champion, version):
         return f"challenger (champion v{champion.version} was trained on {champion.tags.get('dataset', 'other')} data)"
     if not _comparable(champion, version):
         return (f"challenger (champion v{champion.version} was validated on another split: val_size "
@@ -97,9 +100,10 @@ def promote(version, *, name: str = REGISTERED_MODEL) -> str:
     return f"challenger (champion v{champion.version} has {val_accuracy_of(champion):.2%})"
 
 
-def _champion(client, name: str):
+def _champion(client, name: str, written: str | None = None):
     """The version ``champion`` names, or None when no version holds the alias. Any other answer (the
-    store away, a permission refused) raises: taken for "no champion", it would move the alias."""
+    store away, a permission refused) raises: taken for "no champion", it would move the alias.
+    ``written``: the version this promotion has moved the alias to already, which the error names."""
     try:
         aliases = client.get_registered_model(name).aliases
         return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
@@ -108,9 +112,11 @@ def _champion(client, name: str):
 
         from pipeline.stores import redact
 
+        moved = ("the alias was not moved" if written is None else
+                 f"champion was moved to v{written}, and is not yet checked against promotions made at the same time")
         raise RegistryError(f"cannot read the champion of {name!r} in {redact(mlflow.get_tracking_uri())}: "
-                            f"{first_line(error)}; the alias was not moved. Fix: check that the tracking store "
-                            f"answers, then run `make tune` again (the study's best model is promoted then)") from error
+                            f"{first_line(error)}; {moved}. Fix: check that the tracking store answers, then run "
+                            f"`make tune` again (the study's best model is promoted then)") from error
 
 
 def _beats(candidate, champion) -> bool:
@@ -125,11 +131,20 @@ def _beats(candidate, champion) -> bool:
     return val_accuracy_of(candidate) > val_accuracy_of(champion)
 
 
+def _same_data(champion, candidate) -> bool:
+    """Trained on the same data; a version without the checksum tag counts as the same, as it always has."""
+    checksums = champion.tags.get("dataset_checksum"), candidate.tags.get("dataset_checksum")
+    return None in checksums or checksums[0] == checksums[1]
+
+
 def _comparable(champion, candidate) -> bool:
-    """Whether two versions were validated on the same images: the same data and the same split.
-    A version without these tags (registered before they existed) compares with none."""
-    return all(champion.tags.get(tag) is not None and champion.tags.get(tag) == candidate.tags.get(tag)
-               for tag in ("dataset_checksum", "validation_split"))
+    """Whether two versions were validated on the same images: the same data and the same split. A
+    version registered before the split was recorded is compared by its data alone, as it was then
+    (otherwise an upgrade would let any new model displace the champion it found)."""
+    if not _same_data(champion, candidate):
+        return False
+    splits = champion.tags.get("validation_split"), candidate.tags.get("validation_split")
+    return None in splits or splits[0] == splits[1]
 
 
 def _standard_validation(version) -> bool:

@@ -16,6 +16,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.attrs import is_final_run
 from pipeline.errors import PipelineError, first_line
 from pipeline.paths import MLRUNS_DIR, STUDIES_DIR
 
@@ -269,7 +270,10 @@ def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
         retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
         def stale_trial(study, trial):
-            retry(study, trial)
+            # A final-phase run is not retried as it was: the copy would train, mid-search, for the
+            # epochs its killed session's time allowed. The next final phase plans its own.
+            if not is_final_run(trial):
+                retry(study, trial)
             if on_stale_trial is not None:
                 on_stale_trial(study, trial)
 

@@ -262,8 +262,12 @@ class SessionTracker:
         try:
             if study is not None:
                 self._log_study(study, summary)
-        except BaseException:
-            self._end("FAILED" if status == "FINISHED" else status)  # ended, never left RUNNING
+        except BaseException as error:  # ended all the same, never left RUNNING; the error is the one raised
+            ending = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED" if status == "FINISHED" else status
+            try:
+                self._end(ending)
+            except Exception as end_error:
+                print(f"note: the session's MLflow run was not ended {ending} ({first_line(end_error)})", flush=True)
             raise
         self._end(status)
 

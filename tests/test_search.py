@@ -436,6 +436,30 @@ def test_a_final_phase_run_a_killed_session_left_queued_is_planned_again_not_run
     assert trials[2].user_attrs[attrs.FINAL_EPOCHS] == 4 and summary["final"]["number"] == 2
 
 
+def test_a_final_phase_run_killed_while_training_is_planned_again_not_retried_at_its_length(
+        tmp_path, synthetic_env, monkeypatch):
+    # Killed mid-training, a trial is failed as stale when the next worker asks for a trial, and Optuna
+    # queues a copy with its user attributes: for a final-phase run, the killed session's 500 epochs.
+    monkeypatch.setenv("OPTUNA_HEARTBEAT_SECONDS", "1")  # stale after 3 s
+    spec_file = study_file_with(tmp_path, "mlp", "[final]\nseconds = 100\nmax_epochs = 4")
+    enqueue(tmp_path, "mlp", LEARNS)
+    first = session(tmp_path, spec_file, trials=1, epochs=2)
+    run_session(first)
+    storage = open_storage(storage_in(tmp_path))
+    study = optuna.load_study(study_name="mlp", storage=storage)
+    killed = study.ask(fixed_distributions=study.trials[0].distributions)  # as the final phase started it
+    for key, value in {attrs.FINAL_OF: 0, attrs.FINAL_EPOCHS: 500, attrs.QUEUED_AT: time.time()}.items():
+        killed.set_user_attr(key, value)
+    storage.record_heartbeat(killed._trial_id)  # then its worker died
+    time.sleep(4)
+    # The next session searches one more trial (its worker finds the killed run stale), then its final phase.
+    summary = run_session(dataclasses.replace(first, target_trials=2, final_phase=True))
+    trials = load(tmp_path).trials
+    assert trials[1].state == TrialState.FAIL
+    assert [t.user_attrs.get(attrs.FINAL_EPOCHS) for t in trials[2:]] == [None, 4]  # a searched trial, then 4 epochs
+    assert summary["final"]["number"] == 3
+
+
 def test_a_resumed_trial_is_judged_at_the_epoch_it_resumes_from(tmp_path, synthetic_dataset, monkeypatch):
     """Killed after its checkpoint's save and before the pruner's check: the retry is pruned at that
     epoch, not after training one more."""

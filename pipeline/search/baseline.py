@@ -16,8 +16,7 @@ import optuna
 from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.study_file import StudyFileError, StudySpec
-from pipeline.search.session import epochs_that_fit
-from pipeline.search.summary import busy_seconds, default_trials
+from pipeline.search.summary import busy_seconds, default_trials, epochs_that_fit
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.study import prepare_study, quiet_optuna
 from pipeline.search.study_file import StudySpec, new_session_seed
-from pipeline.search.summary import count_complete_or_pruned, summarize
+from pipeline.search.summary import count_complete_or_pruned, epochs_that_fit, summarize
 from pipeline.search.workers import run_worker_processes, work
 from pipeline.stores import close_storage, open_storage
 from pipeline.tracking import NullSessionTracker
@@ -92,13 +92,6 @@ def _finish_after(error: BaseException, tracker, study, spec: StudySpec, started
     except Exception as finish_error:
         print(f"note: the session's MLflow run was not ended {status} ({first_line(finish_error)}); the next "
               f"session's start ends it", flush=True)
-
-
-def epochs_that_fit(seconds: float, pace: float, cap: int | None = None) -> int:
-    """Whole epochs of ``pace`` seconds each that fit in ``seconds`` (none when no time is left), at
-    most ``cap``: a final phase's length, and a baseline's."""
-    fit = max(0, int(seconds / pace))
-    return min(fit, cap) if cap else fit
 
 
 def _search_timeout(session: Session) -> float | None:

@@ -32,12 +32,12 @@ def study_family(spec: StudySpec) -> str:
 
 
 def study_rules(spec: StudySpec) -> dict[str, Any]:
-    """What makes a study's trials comparable with one another, flat: the settings every trial trains
-    with (the file's fixed ones after `--set`; not the searched fields' defaults), the search space,
-    the pruner that compares them and the objective. Sampler, budget and final phase may change
-    between sessions: they change which trials run, not what a trial's value means."""
-    searched = {param.name for param in spec.space}
-    fixed = {f"fixed.{key}": value for key, value in spec.base_config().to_dict().items() if key not in searched}
+    """What makes a study's trials comparable with one another, flat: the settings its file sets (its
+    `[fixed]` table and its recipe's, after `--set`), the search space, the pruner that compares them
+    and the objective. Sampler, budget and final phase may change between sessions: they change which
+    trials run, not what a trial's value means. TrainConfig's own defaults are left out: a field the
+    code gains, or a default it changes, must not lock every study out."""
+    fixed = {f"fixed.{key}": value for key, value in spec.fixed.items()}
     space = {f"search.{param.name}": _described(param) for param in spec.space}
     pruner = {f"pruner.{key}": value for key, value in spec.pruner.items()}
     return json.loads(json.dumps({**fixed, **space, **pruner, "objective": spec.objective}))  # as stored

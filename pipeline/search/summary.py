@@ -160,6 +160,13 @@ def against_default(trials) -> dict | None:
             "best_searched_number": best.number, "best_searched_val_accuracy": best.value}
 
 
+def epochs_that_fit(seconds: float, pace: float, cap: int | None = None) -> int:
+    """Whole epochs of ``pace`` seconds each that fit in ``seconds`` (none when no time is left), at
+    most ``cap``: a final phase's length, and a baseline's."""
+    fit = max(0, int(seconds / pace))
+    return fit if cap is None else min(fit, cap)
+
+
 def busy_seconds(spans: list[tuple[float, float]]) -> float:
     """The length of the union of the intervals: the time some trial was running. Gaps between
     sessions do not count, parallel workers are not counted twice."""

@@ -69,19 +69,20 @@ def run_worker_processes(session, trial_trackers, started: float) -> None:
     for process in processes:
         process.start()
     try:
-        _join_until_all_end_or_one_fails(processes)
+        stopped = _join_until_all_end_or_one_fails(processes)
     except KeyboardInterrupt:
         _interrupt(processes)  # a terminal sends SIGINT to all; `kill -INT` reaches only us
         raise
-    crashed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    crashed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0 and p not in stopped]
     if crashed:  # its traceback is above; the session must not look like a success
         raise WorkerFailed(f"{', '.join(crashed)} stopped on an error (its traceback is above), and the other "
                            f"workers were stopped; finished trials are kept: run the same command again to continue")
 
 
-def _join_until_all_end_or_one_fails(processes) -> None:
+def _join_until_all_end_or_one_fails(processes) -> list:
     """Wait for every worker to end; as soon as one ends on an error, interrupt the others rather than
-    let them train on to the deadline of a session that has already failed."""
+    let them train on to the deadline of a session that has already failed. Returns the workers it
+    stopped so (those it had to kill exit with -9: not an error of theirs)."""
     running = list(processes)
     while running:
         ended = multiprocessing.connection.wait([p.sentinel for p in running])
@@ -90,18 +91,20 @@ def _join_until_all_end_or_one_fails(processes) -> None:
             running.remove(process)
             if process.exitcode != 0:
                 _interrupt(running)
-                return
+                return running
+    return []
 
 
 def _interrupt(processes) -> None:
     """Ctrl-C to each worker still running: it ends its trial as interrupted (re-queued by the next
-    session) and exits; one that has not within a minute is killed (its trial is then retried once its
-    heartbeat goes stale)."""
+    session) and exits; those that have not within a minute, all together, are killed (their trials
+    stay RUNNING until their heartbeats go stale, then are retried)."""
     for process in processes:
         if process.is_alive():
             os.kill(process.pid, signal.SIGINT)
+    deadline = time.time() + 60
     for process in processes:
-        process.join(timeout=60)
+        process.join(timeout=max(0.0, deadline - time.time()))
         if process.is_alive():
             process.kill()
             process.join()
@@ -194,14 +197,14 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
                 failed = count_failed(study) - failed_before
                 print(f"worker {worker}: {failed} trials in a row failed; stopping", flush=True)
                 return
-
     finally:
         close_storage(storage)  # its connections: a file handle, a server's connection slot
+
 
 def sampler_seeds(session, worker: int) -> dict:
     """What each trial of this worker records of its sampler's seed: enough to replay the session."""
     return {attrs.SESSION_SEED: session.session_seed,
-            attrs.SAMPLER_SEED: worker_sampler_seed(session.spec.sampler.get("seed"), session.session_seed, worker)}
+            attrs.WORKER_SAMPLER_SEED: worker_sampler_seed(session.spec.sampler.get("seed"), session.session_seed, worker)}
 
 
 def storage_loss(error: BaseException | None) -> BaseException | None:
