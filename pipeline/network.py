@@ -84,12 +84,15 @@ LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # what MLf
 
 def api_refusal(url: str, timeout: float) -> tuple[int, bytes] | None:
     """The status and first bytes of a refused API call to the MLflow server at ``url``, made as
-    MLflow's client makes it (with the login in $MLFLOW_TRACKING_USERNAME / _PASSWORD, when set); None
-    when the call succeeds or nothing answers (the caller's other checks and MLflow report those)."""
+    MLflow's client makes it (with the login in $MLFLOW_TRACKING_USERNAME / _PASSWORD, or the bearer
+    token in $MLFLOW_TRACKING_TOKEN, when set); None when the call succeeds or nothing answers (the
+    caller's other checks and MLflow report those)."""
     request = urllib.request.Request(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
     user, password = (os.environ.get(name) for name in LOGIN_ENV)
     if user and password:
         request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):  # MLflow's client sends it so when no login is set
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as error:

@@ -384,16 +384,18 @@ def test_a_tracking_server_that_asks_for_a_login_it_was_not_given_is_one_line(mo
 
     from pipeline.stores import TrackingStoreError, check_tracking_server
 
-    right = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+    right = {"Basic " + base64.b64encode(b"admin:s3cret").decode(), "Bearer t0ken"}  # a login, or a token
     said = {}
-    with stand_in_server(lambda request: request.path != "/health" and request.headers.get("Authorization") != right,
+    with stand_in_server(lambda request: request.path != "/health" and request.headers.get("Authorization") not in right,
                          401, b"You are not authenticated.") as uri:
-        for case, password in (("none", None), ("wrong", "not-the-password"), ("right", "s3cret")):
-            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        for case, password in (("none", None), ("wrong", "not-the-password"), ("right", "s3cret"), ("token", None)):
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+                monkeypatch.delenv(name, raising=False)
             if password:
                 monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
                 monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            if case == "token":  # a server behind a token login, as MLflow's client sends it
+                monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
             try:
                 check_tracking_server(uri, timeout=5)
                 said[case] = ""
@@ -402,4 +404,4 @@ def test_a_tracking_server_that_asks_for_a_login_it_was_not_given_is_one_line(mo
     assert "asks for a login, and none is set in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)" in said["none"]
     assert "asks for a login, and refused the one in" in said["wrong"] and "not-the-password" not in said["wrong"]
     assert all("Fix: export both as `make services` prints them" in said[case] for case in ("none", "wrong"))
-    assert said["right"] == ""
+    assert said["right"] == "" and said["token"] == ""
