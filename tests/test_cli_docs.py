@@ -30,7 +30,9 @@ def sections(text: str) -> dict[str, str]:
 
 
 def documented_in(option: str, section: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", section) is not None
+    """Documented: in the first cell of a row of the section's table (| `--option ...` |), not only
+    named in its prose."""
+    return re.search(rf"^\|[^|\n]*`{re.escape(option)}(?![\w-])", section, flags=re.M) is not None
 
 
 def shown_by(parser: argparse.ArgumentParser) -> list[str]:
