@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -258,7 +259,9 @@ def test_a_worker_process_that_crashes_fails_the_session(tmp_path, synthetic_env
                            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"], capture_output=True, text=True,
                           env=env, timeout=180)
     assert done.returncode == 1  # not a session that looks like a success
-    assert "error: worker-0 (exit code 1), worker-1 (exit code 1) stopped on an error" in done.stderr
+    # The first worker to crash stops the session; the other, crashing too or stopped first, is not left running.
+    assert re.search(r"error: worker-[01] \(exit code 1\)(, worker-[01] \(exit code 1\))? stopped on an error",
+                     done.stderr), done.stderr[-2000:]
 
 
 def test_compare_and_the_dashboard_never_load_torch_or_the_trainer(tmp_path):
