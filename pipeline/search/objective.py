@@ -114,24 +114,16 @@ class Objective:
             with self.deferred():
                 tracker.log_epoch(metrics)
                 trial.report(metrics.val_accuracy, epoch)
-                # A final-phase trial's stretched schedule is behind shorter trials mid-way, by design.
-                prune = not attrs.is_final_run(trial) and trial.should_prune()
-                if prune:
-                    tracker.pruned(epoch)
-            if prune:
-                raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_accuracy {metrics.val_accuracy:.4f}")
+            self._prune_if_asked(trial, tracker, epoch, f"after epoch {epoch} at val_accuracy "
+                                                        f"{metrics.val_accuracy:.4f}")
 
         bar = self.new_bar(trial.number, config.epochs)  # closed in the finally below
         try:
             if resumed:
                 # The run it resumes may have been killed after saving an epoch and before the pruner
                 # judged it: judge it now, or a trial that rung would stop goes on.
-                with self.deferred():
-                    prune = not attrs.is_final_run(trial) and trial.should_prune()
-                    if prune:
-                        tracker.pruned(resumed_epochs)
-                if prune:
-                    raise optuna.TrialPruned(f"pruned at epoch {resumed_epochs}, the epoch it resumed from")
+                self._prune_if_asked(trial, tracker, resumed_epochs, f"at epoch {resumed_epochs}, the epoch it "
+                                                                     f"resumed from")
             result = train(config, splits, device=self.device, on_epoch_end=on_epoch_end, resume_from=resumed,
                            on_checkpoint=checkpoint.save)
             # The model is logged only when the trial beats the study's best so far: the best trial
@@ -165,6 +157,17 @@ class Objective:
                 trial.set_user_attr(attrs.MODEL_URI, model_uri)
         checkpoint.remove()
         return result.best_val_accuracy
+
+    def _prune_if_asked(self, trial: optuna.Trial, tracker, epoch: int, when: str) -> None:
+        """Ask the pruner about the last reported epoch; when it says stop, mark the run and raise
+        TrialPruned. A final-phase trial's stretched schedule is behind shorter trials mid-way, by design:
+        it is never pruned."""
+        with self.deferred():
+            prune = not attrs.is_final_run(trial) and trial.should_prune()
+            if prune:
+                tracker.pruned(epoch)
+        if prune:
+            raise optuna.TrialPruned(f"pruned {when}")
 
     def checkpoint_for(self, trial: optuna.Trial, config):
         if not self.checkpoints:
