@@ -360,7 +360,7 @@ def run_services(args: argparse.Namespace) -> int:
     if host in EVERY_ADDRESS:
         where = " on this machine"
     print("\n".join(services.status()))
-    print(f"Artifacts are proxied by the server into {services.root / 'mlflow-artifacts'}.\n"
+    print(f"Artifacts are proxied by the server into {services.artifacts}.\n"
           f"Paste into every shell that runs make tune, evaluate-best, compare, serve, dashboard or ui{where} (the "
           f"storage URL holds the database password and the server asks for a login, so the passwords are read "
           f"from files readable by you only):\n"
