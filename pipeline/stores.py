@@ -257,6 +257,11 @@ class StorageError(PipelineError):
     """The Optuna storage cannot be opened; the message names it (password masked) and the fix."""
 
 
+# Storages whose tables this process has already checked against its Optuna: a check re-reads Optuna's
+# migration scripts (about 25 ms), and a session reopens one storage per worker and per reconnect.
+_SCHEMAS_CHECKED: set[str] = set()
+
+
 def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -283,7 +288,9 @@ def _rdb_storage(url: str, engine_kwargs: dict, on_stale_trial):
             heartbeat_interval=interval,
             grace_period=3 * interval,
             heartbeat_stale_trial_callback=stale_trial,
+            skip_compatibility_check=url in _SCHEMAS_CHECKED,
         )
+    _SCHEMAS_CHECKED.add(url)
     if url.startswith("sqlite"):
         _serialize_sqlite(storage.engine)
     return storage
