@@ -4,39 +4,40 @@ import sys
 import pytest
 
 # A convolution's output at a prediction batch size, made and freed ten times: the page faults (memory
-# touched fresh from the kernel) of the last nine rounds. Each round allocates two 100 MB tensors.
+# touched fresh from the kernel) of the last nine rounds, first under glibc's defaults, then with freed
+# memory kept. Each round allocates two 100 MB tensors. One process measures both (one torch import).
 FAULTS_WHEN_REALLOCATING = """
-import resource, sys, torch
+import resource, torch
 from pipeline.device import keep_freed_memory
-if sys.argv[1] == "keep" and not keep_freed_memory():
-    sys.exit("not glibc")
 conv, images = torch.nn.Conv2d(1, 32, 3, padding=1), torch.randn(1024, 1, 28, 28)
-with torch.inference_mode():
-    conv(images).relu()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(9):
+
+def faults_of_nine_rounds():
+    with torch.inference_mode():
         conv(images).relu()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(9):
+            conv(images).relu()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_of_nine_rounds()
+print(default, faults_of_nine_rounds() if keep_freed_memory() else "not glibc")
 """
 
 
-def faults(*modes: str) -> list[int]:
-    """The page faults of a process per mode; the processes run side by side (each counts its own)."""
-    processes = [subprocess.Popen([sys.executable, "-c", FAULTS_WHEN_REALLOCATING, mode], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for mode in modes]
-    counts = []
-    for process in processes:
-        out, err = process.communicate(timeout=120)
-        if "not glibc" in err:
-            pytest.skip("this C library has no mallopt thresholds to set")
-        assert process.returncode == 0, err
-        counts.append(int(out))
-    return counts
+def faults() -> tuple[int, int]:
+    """The page faults of nine rounds under glibc's defaults, then with freed memory kept."""
+    done = subprocess.run([sys.executable, "-c", FAULTS_WHEN_REALLOCATING], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    default, keep = done.stdout.split()
+    if keep == "not glibc":
+        pytest.skip("this C library has no mallopt thresholds to set")
+    return int(default), int(keep)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_memory_freed_by_a_large_tensor_is_reused_without_page_faults():
     pages_per_round = 2 * 1024 * 32 * 28 * 28 * 4 // 4096
-    default, keep = faults("default", "keep")
+    default, keep = faults()
     assert default > 8 * pages_per_round  # glibc's default: each round faults its pages in afresh
     assert keep < pages_per_round  # kept: the memory of the first round serves the others
