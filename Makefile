@@ -76,8 +76,8 @@ services-status: $(INSTALLED) ## say whether the services run, and where
 test: data ## run the test suite (includes the real-data and slow tests)
 	$(PY) -m pytest $(ARGS)
 
-test-fast: data ## the quick tier: no slow or real-data tests (about two minutes)
-	$(PY) -m pytest -m 'not slow and not real_data' $(ARGS)
+test-fast: data ## the quick tier: no slow or real-data tests, one test process a core (about 90 s on 2 cores)
+	$(PY) -m pytest -m 'not slow and not real_data' -n auto $(ARGS)
 
 smoke: data ## the whole chain, shrunk, in throwaway stores: train, tune + final phase, registry, evaluate-best
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
