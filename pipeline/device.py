@@ -48,8 +48,12 @@ def available_cpus() -> int:
 
 def configure_cpu_threads(workers: int = 1) -> int:
     """Give each of ``workers`` processes an equal share of the CPUs (more threads than cores only
-    adds contention), and keep freed memory for reuse. Returns the thread count set."""
+    adds contention), and keep freed memory for reuse. OMP_NUM_THREADS, where set, caps the share:
+    the usual way to tell a process it shares the machine. Returns the thread count set."""
     threads = max(1, available_cpus() // max(1, workers))
+    ceiling = os.environ.get("OMP_NUM_THREADS", "")
+    if ceiling.isdigit() and int(ceiling) > 0:
+        threads = min(threads, int(ceiling))
     torch.set_num_threads(threads)
     keep_freed_memory()
     return threads

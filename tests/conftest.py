@@ -13,6 +13,11 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One test process a core (make test-fast): a process that also trained on two threads, or
+    # started a subprocess that did, would fight the other test process for its core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import numpy as np
 import pytest
 import torch
