@@ -53,7 +53,7 @@ def timed_session(study_file: str, folder: Path, *, trials: int, tracking: bool)
     from pipeline.search.session import Session, run_session
     from pipeline.search.study_file import load_study
     from pipeline.stores import configure_mlflow
-    from pipeline.tracking import session_tracker
+    from pipeline.tracking.runs import session_tracker
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["CHECKPOINT_DIR"] = str(folder / "checkpoints")  # not the real study's studies/checkpoints/
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="epochs per trial of the short study (default: 8)")
     args = parser.parse_args()
 
-    from pipeline.device import configure_cpu_threads
+    from pipeline.training.device import configure_cpu_threads
     from pipeline.search.study_file import load_study
 
     configure_cpu_threads()

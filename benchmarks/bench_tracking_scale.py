@@ -2,7 +2,7 @@
 
 Starts throwaway services (`pipeline.services.Services` in a temporary SERVICES_DIR: PostgreSQL and
 an MLflow tracking server, as `make services` runs them), then writes one study's worth of synthetic
-tracking state through them, shaped as `make tune` writes it (pipeline/tracking.py,
+tracking state through them, shaped as `make tune` writes it (pipeline/tracking/runs.py,
 pipeline/search/objective.py):
 
 - an experiment `scale` (tagged for the UI), a parent run per session of 1,000 trials (`kind =
@@ -12,7 +12,7 @@ pipeline/search/objective.py):
 - the matching Optuna study in PostgreSQL: RUNS trials sampled from studies/mlp.toml's space, a third
   COMPLETE and two thirds PRUNED, each with 20 intermediate values and the user attributes the
   pipeline reads (`mlflow_run_id`, `epochs_run`, `epoch_seconds`, ...);
-- two tiny real models (an untrained MLP logged as pipeline/export.py logs a trial's model): an
+- two tiny real models (an untrained MLP logged as pipeline/tracking/export.py logs a trial's model): an
   early trial's, registered and made `champion` before the clock starts, and the best trial's, which
   the timed promotion registers and promotes.
 
@@ -125,12 +125,12 @@ def build_store(root: Path, runs: int) -> dict:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
     from optuna.trial import TrialState
 
-    from pipeline.experiments import EXPERIMENT_TAGS, ensure_experiment, environment_tags, param_value
+    from pipeline.tracking.experiments import EXPERIMENT_TAGS, ensure_experiment, environment_tags, param_value
     from pipeline import attrs
     from pipeline.search.study import prepare_study, quiet_optuna
     from pipeline.search.study_file import load_study
     from pipeline.stores import open_storage, redact
-    from pipeline.tracking import study_tags
+    from pipeline.tracking.runs import study_tags
 
     quiet_optuna()
     study_file, _ = study_files(root)
@@ -235,7 +235,7 @@ def build_store(root: Path, runs: int) -> dict:
     prepare_study(spec, storage)  # the study's own attributes, as a session records them (no trial is queued)
 
     # The champion before the timed promotion; the best trial's model is left for promotion to register.
-    from pipeline.registry import CHAMPION, REGISTERED_MODEL, register
+    from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL, register
 
     champion = planned[champion_index]
     version = register(champion.model_uri, champion.run_id, val_accuracy=max(champion.curve), study=STUDY,
@@ -247,12 +247,12 @@ def build_store(root: Path, runs: int) -> dict:
 
 
 def log_tiny_model(run_id: str) -> str:
-    """An untrained 784-32-10 MLP logged to the run as a trial's model is (pipeline/export.py)."""
+    """An untrained 784-32-10 MLP logged to the run as a trial's model is (pipeline/tracking/export.py)."""
     import torch
 
-    from pipeline.config import TrainConfig
-    from pipeline.export import log_raw_pixel_model
-    from pipeline.models import build_model
+    from pipeline.training.config import TrainConfig
+    from pipeline.tracking.export import log_raw_pixel_model
+    from pipeline.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model(TrainConfig(hidden_sizes=(32,)))
@@ -377,7 +377,7 @@ def time_promotion(build: dict) -> list[tuple[str, str, str]]:
     """What a session does after its trials: register the best trial's model and promote it."""
     import optuna
 
-    from pipeline.registry import promote_best_trial
+    from pipeline.tracking.registry import promote_best_trial
     from pipeline.stores import open_storage
 
     started = time.perf_counter()

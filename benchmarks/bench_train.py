@@ -46,11 +46,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-from pipeline.config import NOTEBOOK_TEST_ACCURACY, TrainConfig
-from pipeline.data import load_fashion_mnist, make_splits, verified_torchvision_root
-from pipeline.device import configure_cpu_threads, pick_device
-from pipeline.models import MLP
-from pipeline.train import train
+from pipeline.training.config import NOTEBOOK_TEST_ACCURACY, TrainConfig
+from pipeline.data.dataset import load_fashion_mnist, make_splits, verified_torchvision_root
+from pipeline.training.device import configure_cpu_threads, pick_device
+from pipeline.training.models import MLP
+from pipeline.training.train import train
 
 # The notebook's model and optimisation, so all loops do the same work per step.
 NOTEBOOK_DROPOUT = 0.2

@@ -34,8 +34,8 @@ def main(epochs: int, batch_size: int) -> None:
     from torchvision import transforms
     from torchvision.datasets import FashionMNIST
 
-    from pipeline.data import verified_torchvision_root
-    from pipeline.models import MLP
+    from pipeline.data.dataset import verified_torchvision_root
+    from pipeline.training.models import MLP
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     with verified_torchvision_root() as (root, _source, _digests):

@@ -14,11 +14,11 @@ import time
 launched_at = float(sys.argv[1])
 
 from pipeline.commands import parse_overrides  # noqa: E402  (imports are part of what is timed)
-from pipeline.config import NOTEBOOK_TEST_ACCURACY, TrainConfig  # noqa: E402
-from pipeline.data import load_fashion_mnist, make_splits, normalize  # noqa: E402
-from pipeline.device import configure_cpu_threads, pick_device  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.train import nll_and_accuracy, train  # noqa: E402
+from pipeline.training.config import NOTEBOOK_TEST_ACCURACY, TrainConfig  # noqa: E402
+from pipeline.data.dataset import load_fashion_mnist, make_splits, normalize  # noqa: E402
+from pipeline.training.device import configure_cpu_threads, pick_device  # noqa: E402
+from pipeline.training.models import build_model  # noqa: E402
+from pipeline.training.train import nll_and_accuracy, train  # noqa: E402
 
 
 class Reached(Exception):

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from pipeline import commands
-from pipeline.config import ConfigError
+from pipeline.training.config import ConfigError
 from pipeline.errors import PipelineError
-from pipeline.registry import CHAMPION, REGISTERED_MODEL  # cheap: MLflow is imported only where used
+from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL  # cheap: MLflow is imported only where used
 
 # Defaults named once: the Makefile passes a variable on only when it is set.
 DEFAULT_STUDY = "mlp"

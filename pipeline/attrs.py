@@ -17,7 +17,7 @@ RESUMED_FROM = "resumed_from"  # "trial-<n>, epoch <k>": the checkpoint it start
 FAIL_REASON = "fail_reason"  # why it failed (diverged, out of memory)
 INTERRUPTED = "interrupted"  # Ctrl-C ended it; the next session runs its parameters again
 
-# Written by the tracker (tracking.py) with tracking on.
+# Written by the tracker (tracking/runs.py) with tracking on.
 MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow run
 TRACKING_SECONDS = "tracking_seconds"  # of SECONDS, spent inside MLflow calls
 MODEL_URI = "model_uri"  # its logged model, when it improved on the study's best

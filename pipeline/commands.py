@@ -11,9 +11,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import NOTEBOOK_TEST_ACCURACY, ConfigError, TrainConfig
+from pipeline.training.config import NOTEBOOK_TEST_ACCURACY, ConfigError, TrainConfig
 from pipeline.network import check_exposure, require_free_port
-from pipeline.recipes import load_recipe
+from pipeline.training.recipes import load_recipe
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -34,7 +34,7 @@ def reports_folder(path: Path) -> Path:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from pipeline.fetch import ensure_dataset
+    from pipeline.data.fetch import ensure_dataset
 
     dataset = ensure_dataset()
     print(f"Fashion-MNIST ready in {dataset.source}: {len(dataset.train_labels)} train / "
@@ -54,11 +54,11 @@ def run_train(args: argparse.Namespace) -> int:
     base = recipe.config() if recipe else TrainConfig()
     config = base.replace(**overrides)  # a bad key fails here, before any slow import
 
-    from pipeline.data import load_fashion_mnist, make_splits, normalize
-    from pipeline.device import configure_cpu_threads, pick_device
-    from pipeline.models import build_model, count_parameters
+    from pipeline.data.dataset import load_fashion_mnist, make_splits, normalize
+    from pipeline.training.device import configure_cpu_threads, pick_device
+    from pipeline.training.models import build_model, count_parameters
     from pipeline.progress import epoch_bar
-    from pipeline.train import nll_and_accuracy, train
+    from pipeline.training.train import nll_and_accuracy, train
 
     out = sys.stderr if args.json else sys.stdout
     started = time.perf_counter()
@@ -119,13 +119,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from pipeline.checkpoints import check_checkpoint_dir
-    from pipeline.device import available_cpus, pick_device
+    from pipeline.training.checkpoints import check_checkpoint_dir
+    from pipeline.training.device import available_cpus, pick_device
     from pipeline.search.session import Session
     from pipeline.search.study import check_study_matches
     from pipeline.search.study_file import load_study
     from pipeline.stores import check_tracking_store, heartbeat_seconds, opened_storage, redact, storage_url
-    from pipeline.tracking import session_tracker
+    from pipeline.tracking.runs import session_tracker
 
     settings = parse_overrides(args.overrides)
     # A bad file or setting fails here, before any worker.
@@ -197,7 +197,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     from pipeline.search.study_file import load_study
     from pipeline.search.summary import count_complete_or_pruned
     from pipeline.stores import check_tracking_store, opened_storage, storage_url
-    from pipeline.tracking import session_tracker
+    from pipeline.tracking.runs import session_tracker
 
     for flag, value in (("--seconds", args.seconds), ("--max-epochs", args.max_epochs)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -221,8 +221,8 @@ def run_baseline(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_best(args: argparse.Namespace) -> int:
-    from pipeline.device import keep_freed_memory
-    from pipeline.evaluate import evaluate_registered, format_report
+    from pipeline.training.device import keep_freed_memory
+    from pipeline.reports.evaluate import evaluate_registered, format_report
     from pipeline.paths import REPORTS_DIR
     from pipeline.stores import configure_mlflow
 
@@ -238,7 +238,7 @@ def run_evaluate_best(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import (
+    from pipeline.reports.compare import (
         as_dict,
         compare,
         format_groups,
@@ -248,7 +248,7 @@ def run_compare(args: argparse.Namespace) -> int:
         pick_references,
         time_to_reference,
     )
-    from pipeline.compare_page import write_page
+    from pipeline.reports.compare_page import write_page
     from pipeline.paths import REPORTS_DIR
     from pipeline.search.study import quiet_optuna
     from pipeline.stores import configure_mlflow, opened_storage, storage_url
@@ -324,7 +324,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Replace this process with MLflow's scoring server for the model, after checking it exists."""
     import os
 
-    from pipeline.registry import resolve_version
+    from pipeline.tracking.registry import resolve_version
     from pipeline.stores import configure_mlflow, redact
 
     check_exposure(args.host, args.expose_without_login, what="the scoring server", port=args.port,

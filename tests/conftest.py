@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.data import CUSTOM_ENV_VAR, RAW_FILES, FashionMNIST, make_splits
+from pipeline.training.config import TrainConfig
+from pipeline.data.dataset import CUSTOM_ENV_VAR, RAW_FILES, FashionMNIST, make_splits
 
 PER_CLASS_TRAIN = 60
 PER_CLASS_TEST = 20
@@ -83,7 +83,7 @@ def bigger_synthetic_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(synthetic_dir) -> FashionMNIST:
-    from pipeline.data import load_fashion_mnist
+    from pipeline.data.dataset import load_fashion_mnist
 
     return load_fashion_mnist(synthetic_dir, custom=True)
 

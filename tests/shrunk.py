@@ -15,7 +15,7 @@ import optuna
 
 from pipeline.search.session import Session
 from pipeline.search.study_file import load_study
-from pipeline.tracking import session_tracker
+from pipeline.tracking.runs import session_tracker
 
 SYNTHETIC = {"val_size": "200"}  # the synthetic dataset has 600 training images
 # Searched values for the `mlp` study; values out of its ranges are what make these trials what they are.

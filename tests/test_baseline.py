@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline.__main__ import main
-from pipeline.registry import REGISTERED_MODEL
+from pipeline.tracking.registry import REGISTERED_MODEL
 from pipeline import attrs
 from pipeline.search.study_file import load_study
 from tests.shrunk import settings, storage_in

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.data import CUSTOM_ENV_VAR
+from pipeline.data.dataset import CUSTOM_ENV_VAR
 from pipeline.paths import REPORTS_DIR
 from tests.conftest import free_port
 
@@ -153,7 +153,7 @@ def test_a_trial_run_shows_its_metric_charts_and_its_confusion_matrix(site):
 def test_the_registered_model_page_shows_its_versions_and_the_champion_alias(site):
     import mlflow
 
-    from pipeline.registry import CHAMPION, REGISTERED_MODEL
+    from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL
 
     client = mlflow.MlflowClient(site["env"]["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version

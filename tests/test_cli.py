@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.data import CUSTOM_ENV_VAR, ENV_VAR
+from pipeline.data.dataset import CUSTOM_ENV_VAR, ENV_VAR
 from tests.conftest import free_port
 
 
@@ -282,7 +282,7 @@ optuna_dashboard.run_server = lambda *args, **kwargs: None  # the dashboard up t
 from pipeline.__main__ import main
 for command, argv in {commands!r}.items():
     code = main(argv)
-    loaded = sorted(m for m in ("torch", "torchvision", "pipeline.train", "pipeline.data") if m in sys.modules)
+    loaded = sorted(m for m in ("torch", "torchvision", "pipeline.training.train", "pipeline.data.dataset") if m in sys.modules)
     print(command, "loaded:", loaded, "code:", code)
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-from pipeline import data, data_cache
-from pipeline.data import (
+from pipeline.data import dataset as data
+
+from pipeline.data import cache as data_cache
+from pipeline.data.dataset import (
     DatasetError,
     FashionMNIST,
     augment,
@@ -183,13 +185,13 @@ def test_flip_only_augmentation_keeps_every_pixel_row():
     assert 0 < sum(flipped) < 32
 
 
-# --- The decoded-dataset cache (pipeline/data_cache.py) -------------------------------------------
+# --- The decoded-dataset cache (pipeline/data/cache.py) -------------------------------------------
 
 def _load_in_a_fresh_process(folder, env) -> dict:
     """Load and split in a new interpreter, as every command and worker does; report what it imported."""
     script = (
         "import json, sys\n"
-        "from pipeline.data import load_fashion_mnist, make_splits\n"
+        "from pipeline.data.dataset import load_fashion_mnist, make_splits\n"
         f"dataset = load_fashion_mnist({str(folder)!r}, custom=True)\n"
         "splits = make_splits(dataset, val_size=200, train_subset=300)\n"
         "print(json.dumps({'checksum': dataset.checksum, 'mean': splits.mean, 'train_labels': splits.train_labels.tolist(),\n"

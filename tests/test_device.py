@@ -8,7 +8,7 @@ import pytest
 # memory kept. Each round allocates two 100 MB tensors. One process measures both (one torch import).
 FAULTS_WHEN_REALLOCATING = """
 import resource, torch
-from pipeline.device import keep_freed_memory
+from pipeline.training.device import keep_freed_memory
 conv, images = torch.nn.Conv2d(1, 32, 3, padding=1), torch.randn(1024, 1, 28, 28)
 
 def faults_of_nine_rounds():

@@ -8,8 +8,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.evaluate import evaluate_registered
-from pipeline.registry import REGISTERED_MODEL, RegistryError
+from pipeline.reports.evaluate import evaluate_registered
+from pipeline.tracking.registry import REGISTERED_MODEL, RegistryError
 from pipeline.search.session import run_session
 from tests.conftest import free_port
 from tests.shrunk import LEARNS, enqueue, session, tracker_for

@@ -1,7 +1,7 @@
 """The figures say what they show."""
 
-from pipeline.figures import learning_curves
-from pipeline.train import EpochMetrics
+from pipeline.tracking.figures import learning_curves
+from pipeline.training.train import EpochMetrics
 
 
 def test_the_learning_curves_keep_the_two_different_losses_apart():
@@ -44,7 +44,7 @@ def test_the_study_images_stay_legible_at_hundreds_of_trials():
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from pipeline.study_figures import study_images
+    from pipeline.tracking.study_figures import study_images
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. matplotlib's "Tight layout not applied"

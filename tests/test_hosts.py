@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import CUSTOM_ENV_VAR
+from pipeline.data.dataset import CUSTOM_ENV_VAR
 from pipeline.services import postgres_bin_dir
 from tests.shrunk import tune_command
 
@@ -45,7 +45,7 @@ TRIALS = 6  # the study's target, shared by both sessions
 # Read the study and the registry from a client host (the test's own process is on no network of theirs).
 CHECK_STUDY = """
 import json, mlflow, optuna, os
-from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
+from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
 from pipeline import attrs
 study = optuna.load_study(study_name="mlp", storage=os.environ["OPTUNA_STORAGE"])
 client = mlflow.MlflowClient()
@@ -63,8 +63,8 @@ print(json.dumps({"trials": trials, "champion": {"version": champion.version, "t
 # The champion as a plain MLflow client scores it from a client host: loaded by its alias, fed the raw test images.
 SCORE_CHAMPION = """
 import json, mlflow, numpy as np
-from pipeline.data import load_fashion_mnist
-from pipeline.registry import CHAMPION, REGISTERED_MODEL
+from pipeline.data.dataset import load_fashion_mnist
+from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL
 data = load_fashion_mnist()  # the custom (synthetic) dataset the environment names
 model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
 predicted = np.asarray(model.predict(data.test_images.numpy().astype(np.float32))).argmax(axis=1)

@@ -17,9 +17,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.data import CUSTOM_ENV_VAR
+from pipeline.data.dataset import CUSTOM_ENV_VAR
 from pipeline import attrs
-from pipeline.session_runs import ENDED_BECAUSE, PID, SESSION_KIND
+from pipeline.tracking.session_runs import ENDED_BECAUSE, PID, SESSION_KIND
 from pipeline.stores import open_storage
 from tests.shrunk import LEARNS, tune_command
 
@@ -129,7 +129,7 @@ def test_two_sessions_starting_at_once_on_a_new_mlflow_store_both_start(tmp_path
     here import MLflow, say so, and wait for the word to go, given to both at once (no fixed wait
     that must outlast the slower import); then they open the store as a session does, first thing."""
     script = ("import sys\n"
-              "from pipeline.tracking import SessionTracker\n"
+              "from pipeline.tracking.runs import SessionTracker\n"
               "print('ready', flush=True)\n"
               "sys.stdin.readline()\n"
               "SessionTracker('mlp', {}).finish(None, None)\n")
@@ -154,7 +154,7 @@ def test_a_parent_run_is_ended_only_when_its_session_is_gone(tmp_path):
     without a beat. A trial run goes with its parent."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline.session_runs import (
+    from pipeline.tracking.session_runs import (
         HEARTBEAT,
         INTERVAL,
         SESSION_GRACE_BEATS,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.data import CLASSES
-from pipeline.metrics import classification_metrics, reliability, top_confusions
+from pipeline.data.dataset import CLASSES
+from pipeline.training.metrics import classification_metrics, reliability, top_confusions
 
 
 def one_hot_ish(top_class: int, confidence: float) -> np.ndarray:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.models import CNN, MLP, Dropout, build_model, count_parameters
+from pipeline.training.config import TrainConfig
+from pipeline.training.models import CNN, MLP, Dropout, build_model, count_parameters
 
 
 def linear(n_in, n_out):
@@ -76,7 +76,7 @@ def test_dropout_on_channels_last_bfloat16_activations_keeps_their_dtype_layout_
     assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
     assert torch.allclose(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.75), rtol=1e-2)
     assert kept.float().mean(dim=(0, 2, 3)).min().item() > 0.7  # every channel dropped alike
-    from pipeline.models import _keep_mask
+    from pipeline.training.models import _keep_mask
 
     assert _keep_mask(x, 16384).stride() == x.stride()  # the mask streams in the activations' memory order
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.data import CUSTOM_ENV_VAR, ENV_VAR, DatasetError, find_raw_files, load_fashion_mnist, make_splits
-from pipeline.train import train
+from pipeline.training.config import TrainConfig
+from pipeline.data.dataset import CUSTOM_ENV_VAR, ENV_VAR, DatasetError, find_raw_files, load_fashion_mnist, make_splits
+from pipeline.training.train import train
 
 pytestmark = pytest.mark.real_data
 

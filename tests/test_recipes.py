@@ -6,7 +6,7 @@ import tomllib
 import optuna
 import pytest
 
-from pipeline.recipes import RecipeError, load_recipe
+from pipeline.training.recipes import RecipeError, load_recipe
 from pipeline.search.study_file import StudyFileError, load_study, study_path
 from tests.test_bad_input import one_error_line, run_main
 from tests.test_cli import run_cli

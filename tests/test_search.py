@@ -198,7 +198,7 @@ def test_a_garbage_test_split_does_not_change_a_study(tmp_path, synthetic_dir, m
     seeded study must come out the same, trial for trial."""
     import shutil
 
-    from pipeline.data import CUSTOM_ENV_VAR
+    from pipeline.data.dataset import CUSTOM_ENV_VAR
     from tests.conftest import idx_bytes
 
     garbage = tmp_path / "garbage-test-split"
@@ -463,7 +463,7 @@ def test_a_final_phase_run_killed_while_training_is_planned_again_not_retried_at
 def test_a_resumed_trial_is_judged_at_the_epoch_it_resumes_from(tmp_path, synthetic_dataset, monkeypatch):
     """Killed after its checkpoint's save and before the pruner's check: the retry is pruned at that
     epoch, not after training one more."""
-    from pipeline.checkpoints import TrialCheckpoint
+    from pipeline.training.checkpoints import TrialCheckpoint
     from pipeline.search.study import requeue_interrupted
 
     spec = load_study("mlp").with_settings({"epochs": 3, "val_size": 200})
@@ -489,7 +489,7 @@ def test_a_resumed_trial_is_judged_at_the_epoch_it_resumes_from(tmp_path, synthe
 
 
 def test_namesake_studies_in_two_storages_keep_their_checkpoints_apart(tmp_path, synthetic_env, monkeypatch):
-    from pipeline.checkpoints import TrialCheckpoint, checkpoint_dir
+    from pipeline.training.checkpoints import TrialCheckpoint, checkpoint_dir
 
     folders = []
     monkeypatch.setattr(TrialCheckpoint, "remove", lambda self: None)  # keep each trial's file to look at

@@ -20,8 +20,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.data import CUSTOM_ENV_VAR
-from pipeline.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
+from pipeline.data.dataset import CUSTOM_ENV_VAR
+from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL, val_accuracy_of
 from pipeline import attrs
 from pipeline.services import Services, postgres_bin_dir
 from pipeline.stores import open_storage
@@ -202,7 +202,7 @@ def champion_test_accuracy(data_dir: Path) -> float:
     """The champion as a plain MLflow client scores it: loaded by its alias, fed the raw test images."""
     import numpy as np
 
-    from pipeline.data import load_fashion_mnist
+    from pipeline.data.dataset import load_fashion_mnist
 
     data = load_fashion_mnist(data_dir, custom=True)
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")

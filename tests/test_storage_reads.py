@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.compare import compare
+from pipeline.reports.compare import compare
 from pipeline import attrs
 from pipeline.search.study import check_study_matches, prepare_study, warm_start_params
 from pipeline.search.study_file import load_study
@@ -151,11 +151,11 @@ def test_the_busy_time_at_each_moment_is_the_union_of_the_trials_spans_until_the
 def test_compare_works_out_the_busy_time_once_not_once_per_trial(monkeypatch):
     from datetime import datetime, timedelta
 
-    import pipeline.compare
+    import pipeline.reports.compare
 
     calls = []
-    real = pipeline.compare.busy_seconds
-    monkeypatch.setattr(pipeline.compare, "busy_seconds", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    real = pipeline.reports.compare.busy_seconds
+    monkeypatch.setattr(pipeline.reports.compare, "busy_seconds", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     study = optuna.create_study(direction="maximize")
     began = datetime(2026, 11, 1)
     for number in range(30):
@@ -165,6 +165,6 @@ def test_compare_works_out_the_busy_time_once_not_once_per_trial(monkeypatch):
         trial.datetime_start = began + timedelta(minutes=number)
         trial.datetime_complete = trial.datetime_start + timedelta(seconds=30)
         study.add_trial(trial)
-    record = pipeline.compare.describe(study)
+    record = pipeline.reports.compare.describe(study)
     assert [seconds for seconds, _, _ in record.curve] == pytest.approx([30 * (n + 1) for n in range(30)])
     assert len(calls) <= 1  # the study's wall time; the curve comes from one pass

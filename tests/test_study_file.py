@@ -4,10 +4,10 @@ import tomllib
 import pytest
 from optuna.trial import FixedTrial
 
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.recipes import load_recipe
+from pipeline.training.config import ConfigError, TrainConfig
+from pipeline.training.recipes import load_recipe
 from pipeline.search.study_file import StudyFileError, load_study
-from pipeline.train import batch_scaled_lr
+from pipeline.training.train import batch_scaled_lr
 
 SHIPPED = ["cnn", "cnn-gpu", "mlp", "mlp-random", "mlp-unpruned"]
 

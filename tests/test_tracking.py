@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.data import make_splits
-from pipeline.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
+from pipeline.data.dataset import make_splits
+from pipeline.tracking.registry import CHALLENGER, CHAMPION, REGISTERED_MODEL
 from pipeline import attrs
 from pipeline.search.session import run_session
 from pipeline.search.summary import format_summary
@@ -156,7 +156,7 @@ def test_the_best_model_becomes_champion_and_predicts_on_raw_pixels(tracked_stud
     assert version.tags["trial"] == str(study.best_trial.number) and version.tags["study"] == "mlp"
     assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value)
     # What it was validated on, so that promotion compares it only with models validated alike.
-    from pipeline.data import make_splits
+    from pipeline.data.dataset import make_splits
 
     assert version.tags["val_size"] == "200"
     assert version.tags["validation_split"] == make_splits(synthetic_dataset, val_size=200).val_digest
@@ -238,7 +238,7 @@ def test_a_session_that_fails_ends_its_parent_run_instead_of_leaving_it_running(
 
 
 def test_a_promotion_that_fails_still_ends_the_session_run(tmp_path, synthetic_env, monkeypatch):
-    import pipeline.registry as registry
+    import pipeline.tracking.registry as registry
 
     def unreadable_registry(study):
         raise registry.RegistryError("cannot read the champion of 'fashion-mnist-classifier': 503")
@@ -253,7 +253,7 @@ def test_a_promotion_that_fails_still_ends_the_session_run(tmp_path, synthetic_e
 
 def test_the_error_that_ended_a_session_is_the_one_shown_when_ending_its_run_fails_too(
         tmp_path, synthetic_env, monkeypatch, capsys):
-    import pipeline.figures
+    import pipeline.tracking.figures
     import pipeline.search.objective as objective
 
     def broken_trainer(*args, **kwargs):
@@ -263,7 +263,7 @@ def test_the_error_that_ended_a_session_is_the_one_shown_when_ending_its_run_fai
         raise ValueError("a figure that cannot be drawn")
 
     monkeypatch.setattr(objective, "train", broken_trainer)
-    monkeypatch.setattr(pipeline.figures, "optuna_figures", broken_figures)
+    monkeypatch.setattr(pipeline.tracking.figures, "optuna_figures", broken_figures)
     tuning = session(tmp_path, trials=1, epochs=1)
     tracker = tracker_for(tuning)
     with pytest.raises(RuntimeError, match="the cause"):
@@ -317,7 +317,7 @@ def promote_two_at_once(monkeypatch, accuracies=(0.90, 0.92), read_delays=(1.0, 
     import threading
     import time
 
-    import pipeline.registry as registry
+    import pipeline.tracking.registry as registry
 
     versions = registered_versions(*({"val_accuracy": str(accuracy), "dataset": "custom", "dataset_checksum": "same",
                                       "validation_split": "same"} for accuracy in accuracies))
@@ -358,7 +358,7 @@ OFFICIAL = {"dataset": "official", "dataset_checksum": "d1fd84a877f3"}
 
 
 def test_a_model_validated_on_another_split_is_not_compared_with_the_champion(tmp_path):
-    import pipeline.registry as registry
+    import pipeline.tracking.registry as registry
 
     standard, small_split = registered_versions(
         {**OFFICIAL, "val_accuracy": "0.90", "val_size": "10000", "validation_split": "split-a"},
@@ -374,7 +374,7 @@ def test_a_model_validated_on_another_split_is_not_compared_with_the_champion(tm
 
 
 def test_a_champion_registered_before_splits_were_recorded_is_still_compared_by_accuracy(tmp_path):
-    import pipeline.registry as registry
+    import pipeline.tracking.registry as registry
 
     legacy, newer = registered_versions(
         {**OFFICIAL, "val_accuracy": "0.95"},  # no validation_split nor val_size: an older version
@@ -384,7 +384,7 @@ def test_a_champion_registered_before_splits_were_recorded_is_still_compared_by_
 
 
 def test_a_registry_that_cannot_be_read_moves_no_alias(tmp_path, monkeypatch):
-    import pipeline.registry as registry
+    import pipeline.tracking.registry as registry
     from mlflow.exceptions import MlflowException
 
     same_split = {**OFFICIAL, "val_size": "10000", "validation_split": "split-a"}
@@ -407,9 +407,9 @@ def test_a_registry_that_cannot_be_read_moves_no_alias(tmp_path, monkeypatch):
 def test_a_model_averaging_over_shifted_views_is_exported_for_raw_pixels(shared_store, monkeypatch, synthetic_splits):
     import torch
 
-    from pipeline.config import TrainConfig
-    from pipeline.export import log_raw_pixel_model
-    from pipeline.models import TranslateFlipAveraged, build_model
+    from pipeline.training.config import TrainConfig
+    from pipeline.tracking.export import log_raw_pixel_model
+    from pipeline.training.models import TranslateFlipAveraged, build_model
 
     use, _ = shared_store
     use(monkeypatch)

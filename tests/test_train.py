@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from pipeline.data import Splits, normalize
-from pipeline.models import build_model
-from pipeline.train import NonFiniteLossError, make_optimizer, make_scheduler, train
+from pipeline.data.dataset import Splits, normalize
+from pipeline.training.models import build_model
+from pipeline.training.train import NonFiniteLossError, make_optimizer, make_scheduler, train
 
 
 def test_loss_goes_down_and_the_model_learns(synthetic_splits, tiny_config):
@@ -34,7 +34,7 @@ class FakeClock:
 def slow_validation(monkeypatch, accuracies=None, seconds=0.0, clock=None):
     """Wrap the trainer's validation: take ``seconds`` on ``clock`` and, when given, report these
     accuracies in turn. Returns the model states seen at each validation."""
-    import pipeline.train as trainer
+    import pipeline.training.train as trainer
 
     real, states, calls = trainer.nll_and_accuracy, [], iter(accuracies or [])
 
@@ -51,7 +51,7 @@ def slow_validation(monkeypatch, accuracies=None, seconds=0.0, clock=None):
 
 def test_epoch_seconds_cover_training_and_validation_but_not_the_callback(synthetic_splits, tiny_config, monkeypatch):
     # On a fake clock: validation takes 30 s and the hook an hour, without waiting for either.
-    import pipeline.train as trainer
+    import pipeline.training.train as trainer
 
     clock = FakeClock()
     monkeypatch.setattr(trainer, "time", clock)
@@ -211,7 +211,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthet
                                  cnn_channels=(4, 8), cnn_convs_per_stage=2, **options)
     whole = train(config, synthetic_splits, device="cpu")
 
-    from pipeline.checkpoints import TrialCheckpoint
+    from pipeline.training.checkpoints import TrialCheckpoint
 
     checkpoint = TrialCheckpoint(tmp_path / "trial-0.pt", [])
 
@@ -236,7 +236,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(synthet
 
 
 def test_only_a_checkpoint_of_the_same_parameters_and_settings_is_resumed(tmp_path):
-    from pipeline.checkpoints import TrialCheckpoint
+    from pipeline.training.checkpoints import TrialCheckpoint
 
     TrialCheckpoint(tmp_path / "trial-3.pt", [], identity="lr=0.01").save({"epoch": 2})
     # Trial 3 of a study of the same name elsewhere, or run with other settings: not these weights.
@@ -247,8 +247,8 @@ def test_only_a_checkpoint_of_the_same_parameters_and_settings_is_resumed(tmp_pa
 
 
 def test_mirror_averaging_is_kept_only_when_it_validates_better(synthetic_splits, tiny_config):
-    from pipeline.models import FlipAveraged
-    from pipeline.train import nll_and_accuracy
+    from pipeline.training.models import FlipAveraged
+    from pipeline.training.train import nll_and_accuracy
 
     result = train(tiny_config.replace(augment="flip", epochs=2), synthetic_splits, device="cpu")
     _, plain = nll_and_accuracy(result.network, synthetic_splits.val_images, synthetic_splits.val_labels)
@@ -263,7 +263,7 @@ def test_mirror_averaging_is_kept_only_when_it_validates_better(synthetic_splits
 def test_mirror_averaging_is_left_out_when_it_would_hurt():
     from torch import nn
 
-    from pipeline.train import TrainResult, _average_over_views_if_better
+    from pipeline.training.train import TrainResult, _average_over_views_if_better
 
     # Two classes told apart only by which half of the image is bright, and a network that reads
     # exactly that: averaging it with its mirror image makes every prediction a coin toss.
@@ -284,8 +284,8 @@ def test_mirror_averaging_is_left_out_when_it_would_hurt():
 
 def test_translate_averaging_is_kept_only_when_it_validates_better_and_keeps_the_signature(synthetic_splits,
                                                                                           tiny_config):
-    from pipeline.models import FlipAveraged, TranslateFlipAveraged
-    from pipeline.train import nll_and_accuracy
+    from pipeline.training.models import FlipAveraged, TranslateFlipAveraged
+    from pipeline.training.train import nll_and_accuracy
 
     config = tiny_config.replace(model="cnn", cnn_channels=(4, 8), cnn_convs_per_stage=1, augment="crop-flip",
                                  epochs=2)
@@ -321,7 +321,7 @@ def test_translate_averaging_is_kept_only_when_it_validates_better_and_keeps_the
 
 
 def test_mirror_averaging_gives_probabilities_that_ignore_mirroring(synthetic_splits, tiny_config):
-    from pipeline.models import FlipAveraged
+    from pipeline.training.models import FlipAveraged
 
     network = train(tiny_config.replace(epochs=1), synthetic_splits, device="cpu").network
     averaged = FlipAveraged(network).eval()

@@ -85,7 +85,7 @@ def test_a_study_file_edited_during_a_session_changes_nothing_in_it(tmp_path, sy
 
 def test_an_unreadable_checkpoint_is_named_and_not_resumed_from(tmp_path, capsys):
     # Saves are atomic, so a damaged file came from a disk or a hand: say so rather than start silently.
-    from pipeline.checkpoints import TrialCheckpoint
+    from pipeline.training.checkpoints import TrialCheckpoint
 
     earlier = tmp_path / "checkpoints" / "mlp" / "trial-3.pt"  # conftest points CHECKPOINT_DIR at tmp_path
     earlier.parent.mkdir(parents=True)

@@ -9,5 +9,5 @@ load torch or the trainer.
     session.py     one `make tune`: the search within its budget, then the final phase
     summary.py     the progress line after each trial and the numbers a session reports
     interrupts.py  Ctrl-C held while a store is written, raised where the trial can end
-    attrs.py       the names of what a trial and a study record (user attributes)
+    baseline.py    `make baseline`: the study's default configuration trained alone for its time
 """

@@ -16,14 +16,14 @@ import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from pipeline.checkpoints import NoCheckpoint, TrialCheckpoint
-from pipeline.data import FashionMNIST, Splits, data_seen, make_splits
+from pipeline.training.checkpoints import NoCheckpoint, TrialCheckpoint
+from pipeline.data.dataset import FashionMNIST, Splits, data_seen, make_splits
 from pipeline.errors import first_line
 from pipeline.progress import NoBar
 from pipeline import attrs
 from pipeline.search.study_file import StudySpec
-from pipeline.tracking import NullTrialTrackers
-from pipeline.train import EpochMetrics, NonFiniteLossError, train
+from pipeline.tracking.runs import NullTrialTrackers
+from pipeline.training.train import EpochMetrics, NonFiniteLossError, train
 
 # Errors that end one trial as FAIL, with the reason, while the study goes on.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError, MemoryError)

@@ -17,7 +17,7 @@ from pipeline.search.study_file import StudySpec, new_session_seed
 from pipeline.search.summary import count_complete_or_pruned, epochs_that_fit, summarize
 from pipeline.search.workers import run_worker_processes, work
 from pipeline.stores import close_storage, open_storage
-from pipeline.tracking import NullSessionTracker
+from pipeline.tracking.runs import NullSessionTracker
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from pipeline.config import ConfigError, TrainConfig, field_names
+from pipeline.training.config import ConfigError, TrainConfig, field_names
 
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step"},

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import optuna
 
-from pipeline.config import ConfigError, TrainConfig, fields_unused_by
+from pipeline.training.config import ConfigError, TrainConfig, fields_unused_by
 from pipeline.errors import PipelineError
 from pipeline.paths import STUDIES_DIR
-from pipeline.recipes import Recipe, RecipeError, load_recipe
+from pipeline.training.recipes import Recipe, RecipeError, load_recipe
 from pipeline import attrs
 from pipeline.search.space import Param, is_int, is_number, parse_param
 from pipeline.toml_files import named_path, names_in, read_toml

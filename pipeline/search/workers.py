@@ -20,8 +20,8 @@ import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
-from pipeline.data import load_fashion_mnist
-from pipeline.device import configure_cpu_threads, pick_device
+from pipeline.data.dataset import load_fashion_mnist
+from pipeline.training.device import configure_cpu_threads, pick_device
 from pipeline.errors import PipelineError
 from pipeline.progress import epoch_bar
 from pipeline import attrs

@@ -13,7 +13,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from pipeline.figures import optuna_figures
+from pipeline.tracking.figures import optuna_figures
 
 STATE_COLOURS = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "tab:orange", TrialState.FAIL: "tab:red"}
 

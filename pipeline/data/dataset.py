@@ -5,7 +5,7 @@ The four original IDX files are read through torchvision. Verification is of the
 their gzip headers, so a checksum of the .gz would reject good data.
 
 Every process starts from the data, so the first load also writes what it decoded to a cache
-(pipeline/data_cache.py), keyed by the SHA-256 of the files as they lie on disk; the split
+(pipeline/data/cache.py), keyed by the SHA-256 of the files as they lie on disk; the split
 indices are cached the same way. Later processes read two arrays and skip decompression,
 torchvision's dataset import and scikit-learn's (about 5 s of start-up on a 2-core CPU).
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import data_cache
+from pipeline.data import cache as data_cache
 from pipeline.errors import PipelineError
 from pipeline.paths import DATA_DIR as REPO_DATA_DIR
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.attrs import FAIL_REASON
-from pipeline.experiments import end_run
+from pipeline.tracking.experiments import end_run
 
 SESSION_KIND = "tuning-session"  # the `kind` tag of a session's parent run
 HOST, PID, HEARTBEAT = "session_host", "session_pid", "session_heartbeat"

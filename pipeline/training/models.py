@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.data import IMAGE_SIDE, N_CLASSES
+from pipeline.training.config import TrainConfig
+from pipeline.data.dataset import IMAGE_SIDE, N_CLASSES
 
 DEFAULTS = TrainConfig()  # the models' own defaults are the config's, so MLP() is `make train`'s network
 

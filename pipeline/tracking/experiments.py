@@ -95,8 +95,8 @@ def log_confusion_matrix(client, run_id: str, matrix, title: str, stem: str) -> 
     """<stem>.png, the heatmap as an image, and <stem>.json, the counts. An image, not plotly HTML:
     the HTML ``log_figure`` writes loads plotly.js from a CDN (blank in an offline UI), and inlining it
     costs 3.5 MB a file."""
-    from pipeline.data import CLASSES
-    from pipeline.figures import confusion_matrix_matplotlib
+    from pipeline.data.dataset import CLASSES
+    from pipeline.tracking.figures import confusion_matrix_matplotlib
 
     matrix = np.asarray(matrix)
     client.log_figure(run_id, confusion_matrix_matplotlib(matrix, title), f"{stem}.png")

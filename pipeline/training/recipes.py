@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.training.config import ConfigError, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.paths import RECIPES_DIR
 from pipeline.toml_files import named_path, names_in, read_toml

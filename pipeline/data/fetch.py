@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.data import DEBIAN_DATA_DIR, REPO_DATA_DIR, DatasetError, FashionMNIST, load_fashion_mnist
+from pipeline.data.dataset import DEBIAN_DATA_DIR, REPO_DATA_DIR, DatasetError, FashionMNIST, load_fashion_mnist
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 

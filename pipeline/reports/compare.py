@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError
+from pipeline.training.config import ConfigError
 from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.summary import (
@@ -306,7 +306,7 @@ def log_comparison(records: list[StudyRecord], groups: list[GroupRecord], page_p
 
     import mlflow
 
-    from pipeline.experiments import ensure_experiment, log_values
+    from pipeline.tracking.experiments import ensure_experiment, log_values
 
     client = mlflow.MlflowClient()
     run = client.create_run(ensure_experiment("compare"), run_name=f"compare {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # torch stays out of commands that draw no model's figures (`make compare`)
-    from pipeline.train import EpochMetrics
+    from pipeline.training.train import EpochMetrics
 
 OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 
@@ -22,7 +22,7 @@ OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordin
 def confusion_matrix_plotly(matrix: np.ndarray, title: str):
     import plotly.graph_objects as go
 
-    from pipeline.data import CLASSES
+    from pipeline.data.dataset import CLASSES
 
     figure = go.Figure(go.Heatmap(z=matrix, x=list(CLASSES), y=list(CLASSES), colorscale="Blues",
                                   text=matrix, texttemplate="%{text}", hovertemplate="true %{y}<br>predicted %{x}<br>%{z}"))
@@ -34,7 +34,7 @@ def confusion_matrix_matplotlib(matrix: np.ndarray, title: str):
     """The same heatmap as an image (no pyplot: no global state, no display needed)."""
     from matplotlib.figure import Figure
 
-    from pipeline.data import CLASSES
+    from pipeline.data.dataset import CLASSES
 
     matrix = np.asarray(matrix)
     figure = Figure(figsize=(7, 6), layout="constrained")
@@ -102,7 +102,7 @@ def optuna_figures(study, names=OPTUNA_FIGURES, plots=None) -> dict:
 def per_class_bars(per_class: dict):
     import plotly.graph_objects as go
 
-    from pipeline.data import CLASSES
+    from pipeline.data.dataset import CLASSES
 
     figure = go.Figure([go.Bar(name=label, x=list(CLASSES), y=[per_class[c][key] for c in CLASSES])
                         for label, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1-score"))])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from pipeline.compare import (
+from pipeline.reports.compare import (
     GroupRecord,
     Reference,
     StudyRecord,
@@ -46,7 +46,7 @@ def write_page(records: list[StudyRecord], groups: list[GroupRecord], references
 def comparison_page(records: list[StudyRecord], groups: list[GroupRecord], references: dict[str, Reference]) -> str:
     """The page: the tables, then each model family's figures (an MLP at 91 % and a CNN at 95 % on one
     zoomed axis would hide one of them)."""
-    from pipeline.figures import self_contained_html
+    from pipeline.tracking.figures import self_contained_html
 
     colour = {g.group: COLOURS[i % len(COLOURS)] for i, g in enumerate(groups)}
     figures = {}

@@ -10,7 +10,7 @@ neither displaces the other when both or neither are. A registry that cannot be 
 
 from __future__ import annotations
 
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.errors import PipelineError, first_line
 
 REGISTERED_MODEL = "fashion-mnist-classifier"

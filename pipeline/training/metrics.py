@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data import CLASSES, N_CLASSES
+from pipeline.data.dataset import CLASSES, N_CLASSES
 
 CALIBRATION_BINS = 15
 

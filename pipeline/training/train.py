@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.data import Splits, augment, shuffled_batches
-from pipeline.device import training_dtype
+from pipeline.training.config import TrainConfig
+from pipeline.data.dataset import Splits, augment, shuffled_batches
+from pipeline.training.device import training_dtype
 from pipeline.errors import PipelineError
-from pipeline.models import FlipAveraged, TranslateFlipAveraged, build_model
+from pipeline.training.models import FlipAveraged, TranslateFlipAveraged, build_model
 
 PREDICT_BATCH_SIZE = 2048  # images per forward pass when predicting; bounds activation memory, not a hyperparameter
 

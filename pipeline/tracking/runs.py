@@ -13,10 +13,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from pipeline.config import TrainConfig
-from pipeline.data import Splits
+from pipeline.training.config import TrainConfig
+from pipeline.data.dataset import Splits
 from pipeline.errors import first_line
-from pipeline.experiments import (
+from pipeline.tracking.experiments import (
     dataset_input,
     end_run,
     ensure_experiment,
@@ -25,7 +25,7 @@ from pipeline.experiments import (
     log_values,
 )
 from pipeline import attrs
-from pipeline.train import EpochMetrics, TrainResult, predict_log_probs
+from pipeline.training.train import EpochMetrics, TrainResult, predict_log_probs
 
 
 def _timed(method):
@@ -104,9 +104,9 @@ class TrialTracker:
     def complete(self, result: TrainResult, splits: Splits, *, log_model: bool) -> str | None:
         """Summary metrics, confusion matrix, per-class metrics, curves; the model when asked.
         Returns the logged model's URI, if any."""
-        from pipeline.export import log_raw_pixel_model
-        from pipeline.figures import learning_curves
-        from pipeline.metrics import classification_metrics
+        from pipeline.tracking.export import log_raw_pixel_model
+        from pipeline.tracking.figures import learning_curves
+        from pipeline.training.metrics import classification_metrics
 
         self._sent_epochs()
         probabilities = predict_log_probs(result.model, splits.val_images).exp().cpu().numpy()
@@ -221,7 +221,7 @@ class SessionTracker:
     def __init__(self, study_name: str, tags: dict[str, str]):
         import mlflow
 
-        from pipeline.session_runs import SESSION_KIND, SessionHeartbeat, end_runs_of_gone_sessions, identity_tags
+        from pipeline.tracking.session_runs import SESSION_KIND, SessionHeartbeat, end_runs_of_gone_sessions, identity_tags
         from pipeline.stores import configure_mlflow, heartbeat_seconds
 
         started = time.perf_counter()
@@ -250,7 +250,7 @@ class SessionTracker:
     @_timed
     def promote(self, study) -> dict | None:
         """Register the study's best model and move `champion` to it if it beats the champion's."""
-        from pipeline.registry import promote_best_trial
+        from pipeline.tracking.registry import promote_best_trial
 
         return promote_best_trial(study)
 
@@ -274,8 +274,8 @@ class SessionTracker:
     def _log_study(self, study, summary: dict | None) -> None:
         import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 
-        from pipeline.figures import optuna_figures, self_contained_html
-        from pipeline.study_figures import study_images
+        from pipeline.tracking.figures import optuna_figures, self_contained_html
+        from pipeline.tracking.study_figures import study_images
 
         page = self_contained_html(optuna_figures(study), f"Optuna study {study.study_name}")
         self.client.log_text(self.run_id, page, "optuna/figures.html")  # interactive, offline: plotly.js inside

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data import Splits
+from pipeline.data.dataset import Splits
 
 
 class RawPixelClassifier(nn.Module):

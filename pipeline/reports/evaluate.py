@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import NOTEBOOK_TEST_ACCURACY
-from pipeline.data import CLASSES, load_fashion_mnist, test_seen
-from pipeline.experiments import dataset_input
-from pipeline.metrics import CALIBRATION_BINS, classification_metrics
+from pipeline.training.config import NOTEBOOK_TEST_ACCURACY
+from pipeline.data.dataset import CLASSES, load_fashion_mnist, test_seen
+from pipeline.tracking.experiments import dataset_input
+from pipeline.training.metrics import CALIBRATION_BINS, classification_metrics
 from pipeline.paths import REPORTS_DIR
-from pipeline.registry import CHAMPION, REGISTERED_MODEL, resolve_version, val_accuracy_of
-from pipeline.train import PREDICT_BATCH_SIZE
+from pipeline.tracking.registry import CHAMPION, REGISTERED_MODEL, resolve_version, val_accuracy_of
+from pipeline.training.train import PREDICT_BATCH_SIZE
 
 SPARSITIES = [round(0.1 * i, 1) for i in range(10)]  # 0 % to 90 % of the weights set to zero
 
@@ -102,7 +102,7 @@ def log_evaluation_run(result: dict, folder: Path, *, inputs=()) -> str:
     the test split as its dataset input; the version gets `test_accuracy` and `evaluation_run_id` tags."""
     import mlflow
 
-    from pipeline.experiments import ensure_experiment, log_confusion_matrix, log_values
+    from pipeline.tracking.experiments import ensure_experiment, log_confusion_matrix, log_values
 
     client = mlflow.MlflowClient()
     experiment_id = ensure_experiment(result["study"] or "evaluation")
@@ -154,7 +154,7 @@ def format_report(result: dict) -> str:
 def render_report(result: dict, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                   probabilities: np.ndarray) -> str:
     """One self-contained HTML page (plotly.js inlined once): it opens offline."""
-    from pipeline import figures as draw
+    from pipeline.tracking import figures as draw
 
     figures = [draw.confusion_matrix_plotly(np.asarray(result["confusion_matrix"]), "Test confusion matrix"),
                draw.per_class_bars(result["per_class"]),
