@@ -41,3 +41,20 @@ def test_memory_freed_by_a_large_tensor_is_reused_without_page_faults():
     default, keep = faults()
     assert default > 8 * pages_per_round  # glibc's default: each round faults its pages in afresh
     assert keep < pages_per_round  # kept: the memory of the first round serves the others
+
+
+def test_worker_processes_share_the_cores_and_omp_num_threads_caps_the_share(monkeypatch):
+    import torch
+
+    from pipeline.training import device
+
+    monkeypatch.setattr(device, "available_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert device.configure_cpu_threads(1) == 8 and torch.get_num_threads() == 8
+        assert device.configure_cpu_threads(3) == 2  # 8 cores among 3 workers
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user shares the machine with something else
+        assert device.configure_cpu_threads(1) == 3 and torch.get_num_threads() == 3
+        assert device.configure_cpu_threads(4) == 2  # a share below the cap is kept
+    finally:
+        torch.set_num_threads(1)
