@@ -21,7 +21,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install data train tune baseline evaluate-best compare dashboard ui serve services services-stop services-status \
-	test test-fast smoke bench bench-storage bench-tracking-scale clean
+	test test-fast smoke bench bench-storage bench-tracking-scale bench-evaluate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -100,6 +100,9 @@ bench-storage: data ## workers per store: Optuna (SQLite, journal, PostgreSQL) a
 
 bench-tracking-scale: data ## RUNS synthetic trial runs (default 10000) in throwaway services: the MLflow UI, search_runs, promotion, evaluate-best, compare, a session's start
 	$(PY) benchmarks/bench_tracking_scale.py --runs $(or $(RUNS),10000)
+
+bench-evaluate: data ## what make evaluate-best costs on a fast-cnn-shaped champion with six-view averaging, with and without the pruning sweep
+	$(PY) benchmarks/bench_evaluate.py $(ARGS)
 
 clean: ## remove the virtualenv, data/ and reports/ (keeps studies and mlruns)
 	rm -rf $(VENV) data reports

@@ -99,13 +99,15 @@ def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
     import sqlalchemy.exc
 
     try:
-        try:
-            return _rdb_storage(url, engine_kwargs, on_stale_trial)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Two sessions opened a new database at once and raced to create Optuna's tables; the
-            # other one won, so the tables are there now.
-            time.sleep(1)
-            return _rdb_storage(url, engine_kwargs, on_stale_trial)
+        for attempt in range(CREATION_RACE_ATTEMPTS):
+            try:
+                return _rdb_storage(url, engine_kwargs, on_stale_trial)
+            except sqlalchemy.exc.DBAPIError as error:
+                # Two sessions opened a new database at once and raced to create Optuna's tables; the
+                # other one is creating them, so they are there once it has finished.
+                if not _lost_creation_race(error) or attempt == CREATION_RACE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1)
     except ImportError:  # SQLAlchemy found no driver for the URL's database
         raise StorageError(f"no database driver installed for {redact(url)}. Fix: `make install` (it installs "
                            f"psycopg 3 for PostgreSQL); for another database install its SQLAlchemy driver "
@@ -118,6 +120,18 @@ def open_storage(url: str, *, on_stale_trial=None, must_exist: bool = False):
         reason = database_problem(url, error)
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: {reason}. Fix: "
                            f"{_storage_fix(reason, url)}") from None
+
+
+CREATION_RACE_ATTEMPTS = 5
+
+
+def _lost_creation_race(error) -> bool:
+    """Another session created one of Optuna's tables between this one's look and its CREATE TABLE.
+    PostgreSQL says so as a duplicate key (its catalogue of types) or "relation ... already exists",
+    SQLite as "table studies already exists"; a refused password or a missing right is no race."""
+    import sqlalchemy.exc
+
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error.orig)
 
 
 def close_storage(storage) -> None:

@@ -172,6 +172,28 @@ def test_two_sessions_at_once_on_one_study_sample_different_configurations(tmp_p
     assert len(drawn) >= 7 and all(drawn.count(params) == 1 for params in drawn), drawn
 
 
+def test_a_session_that_loses_the_race_to_create_a_new_storages_tables_opens_it(tmp_path, monkeypatch):
+    """Two sessions start on a new SQLite file at the same moment: both look for Optuna's tables, the
+    other one creates them first, and this one's CREATE TABLE fails ("table studies already
+    exists", seen in CI). The loser must wait for the winner and open the storage, not stop."""
+    from optuna.storages._rdb import models
+
+    metadata = models.BaseModel.metadata
+    create_all, raced = metadata.create_all, []
+
+    def other_session_first(engine, **options):
+        if not raced:
+            raced.append(True)
+            create_all(engine)  # the other session's tables, between this one's look and its CREATE
+            create_all(engine, checkfirst=False)  # this one's CREATE: SQLite's real error
+        create_all(engine, **options)
+
+    monkeypatch.setattr(metadata, "create_all", other_session_first)
+    url = f"sqlite:///{tmp_path}/new.db"
+    optuna.create_study(study_name="opened", storage=open_storage(url))
+    assert raced and optuna.get_all_study_names(url) == ["opened"]
+
+
 def open_files_under(folder) -> list[str]:
     """The files under ``folder`` this process holds open (its database connections, on SQLite)."""
     import os
