@@ -172,25 +172,27 @@ def test_two_sessions_at_once_on_one_study_sample_different_configurations(tmp_p
     assert len(drawn) >= 7 and all(drawn.count(params) == 1 for params in drawn), drawn
 
 
-def test_a_session_that_loses_the_race_to_create_a_new_storages_tables_opens_it(tmp_path, monkeypatch):
+def test_a_session_that_loses_the_race_to_create_a_new_storages_tables_opens_it(tmp_path):
     """Two sessions start on a new SQLite file at the same moment: both look for Optuna's tables, the
-    other one creates them first, and this one's CREATE TABLE fails ("table studies already
-    exists", seen in CI). The loser must wait for the winner and open the storage, not stop."""
-    from optuna.storages._rdb import models
+    other one creates one first, and this one's CREATE TABLE fails ("table studies already exists",
+    seen in CI). The loser must wait for the winner and open the storage, not stop."""
+    import sqlalchemy
 
-    metadata = models.BaseModel.metadata
-    create_all, raced = metadata.create_all, []
-
-    def other_session_first(engine, **options):
-        if not raced:
-            raced.append(True)
-            create_all(engine)  # the other session's tables, between this one's look and its CREATE
-            create_all(engine, checkfirst=False)  # this one's CREATE: SQLite's real error
-        create_all(engine, **options)
-
-    monkeypatch.setattr(metadata, "create_all", other_session_first)
     url = f"sqlite:///{tmp_path}/new.db"
-    optuna.create_study(study_name="opened", storage=open_storage(url))
+    other_session, raced = sqlalchemy.create_engine(url), []
+
+    def other_session_first(table, connection, **_):
+        if not raced:  # between this session's look and its CREATE, the other session's CREATE
+            raced.append(table.name)
+            table.create(other_session)
+
+    sqlalchemy.event.listen(sqlalchemy.Table, "before_create", other_session_first)
+    try:
+        storage = open_storage(url)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.Table, "before_create", other_session_first)
+        other_session.dispose()
+    optuna.create_study(study_name="opened", storage=storage)
     assert raced and optuna.get_all_study_names(url) == ["opened"]
 
 
