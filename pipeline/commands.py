@@ -191,6 +191,7 @@ def check_session_seed(seed: int) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
+    from pipeline.training.checkpoints import check_checkpoint_dir
     from pipeline.search.baseline import baseline_spec, describe_plan, plan_baseline, queue_baseline
     from pipeline.search.session import Session
     from pipeline.search.study import prepare_study, quiet_optuna
@@ -202,6 +203,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     for flag, value in (("--seconds", args.seconds), ("--max-epochs", args.max_epochs)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} must be positive, got {value:g}")
+    check_checkpoint_dir()
     quiet_optuna()
     spec = load_study(args.study).with_settings(parse_overrides(args.overrides)).with_seed(args.seed)
     storage = storage_url(args.storage)

@@ -48,9 +48,10 @@ def test_the_report_scores_the_registered_model_as_an_outside_client_sees_it(reg
     assert result["n_test_images"] == len(labels) and result["dataset"] == "custom"
 
     sweep = result["prune_sweep"]
-    assert [p["sparsity"] for p in sweep] == [round(0.1 * i, 1) for i in range(10)]
-    assert sweep[0]["test_accuracy"] == pytest.approx(result["test_accuracy"])  # 0 % pruned = the model
-    assert sweep[-1]["zero_weights"] == pytest.approx(0.9, abs=0.01)
+    assert [p["sparsity"] for p in sweep] == [0.0, 0.5, 0.7, 0.9]
+    assert [p["zero_weights"] for p in sweep] == pytest.approx([0.0, 0.5, 0.7, 0.9], abs=0.01)
+    assert sweep[0]["test_accuracy"] == result["test_accuracy"]  # 0 % pruned: the model as scored
+    assert sweep[-1]["test_accuracy"] < sweep[0]["test_accuracy"]  # nine weights in ten gone: it shows
 
     folder = registered / "reports" / f"{REGISTERED_MODEL}-v{result['version']}"
     assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] == result["test_accuracy"]

@@ -13,7 +13,7 @@ from pipeline.errors import first_line
 from pipeline.progress import clock
 from pipeline import attrs
 from pipeline.search.study import prepare_study, quiet_optuna
-from pipeline.search.study_file import StudySpec, new_session_seed
+from pipeline.search.study_file import FINAL_PHASE, StudySpec, new_session_seed
 from pipeline.search.summary import count_complete_or_pruned, epochs_that_fit, summarize
 from pipeline.search.workers import run_worker_processes, work
 from pipeline.stores import close_storage, open_storage
@@ -140,4 +140,6 @@ def _final_phase(session: Session, study: optuna.Study, trial_trackers, started:
     study.enqueue_trial(best.params, user_attrs={attrs.FINAL_OF: best.number, attrs.FINAL_EPOCHS: epochs,
                                                  attrs.QUEUED_AT: time.time()})
     final = replace(session, workers=1, timeout=None, target_trials=count_complete_or_pruned(study) + 1)
-    work(final, trial_trackers, worker=0, started=started)
+    # Its own sampler stream: should another session take the queued run first, this worker samples
+    # a trial, which must not repeat the first one the session's worker 0 drew.
+    work(final, trial_trackers, worker=0, started=started, phase=FINAL_PHASE)

@@ -13,16 +13,16 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import attrs
-from pipeline.search.study_file import StudyFileError, StudySpec
+from pipeline.search.study_file import FIRST_STREAM, StudyFileError, StudySpec
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0,
-               session_seed: int | None = None) -> optuna.Study:
+               session_seed: int | None = None, stream: tuple[int, int] = FIRST_STREAM) -> optuna.Study:
     """Create the study or load it (``load_if_exists``): running `make tune` again continues it. Its
-    sampler is ``worker``'s of the session seeded ``session_seed`` (StudySpec.make_sampler)."""
+    sampler is ``worker``'s of the session seeded ``session_seed``, on ``stream`` (StudySpec.make_sampler)."""
     return optuna.create_study(
         study_name=spec.name, storage=storage, direction=spec.direction,
-        sampler=spec.make_sampler(worker, session_seed), pruner=spec.make_pruner(), load_if_exists=True,
+        sampler=spec.make_sampler(worker, session_seed, stream), pruner=spec.make_pruner(), load_if_exists=True,
     )
 
 

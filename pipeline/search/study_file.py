@@ -41,6 +41,10 @@ PRUNERS = {
 OBJECTIVES = {"val_accuracy": "maximize"}  # the best epoch's validation accuracy
 TOP_LEVEL_KEYS = {"description", "objective", "trials", "timeout", "recipe", "fixed", "search", "sampler", "pruner",
                   "enqueue", "warm_start", "final"}
+SEARCH_PHASE, FINAL_PHASE = 0, 1
+FIRST_STREAM = (SEARCH_PHASE, 0)  # a worker's first opening of the study in the search phase
+
+
 class StudyFileError(PipelineError):
     """A study file is missing or invalid; the message names the file, the key and what is allowed."""
 
@@ -170,12 +174,13 @@ class StudySpec:
             return [max(1, settings.get("n_warmup_steps", 0))]
         return []
 
-    def make_sampler(self, worker: int = 0, session_seed: int | None = None) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, worker: int = 0, session_seed: int | None = None,
+                     stream: tuple[int, int] = FIRST_STREAM) -> optuna.samplers.BaseSampler:
         """The sampler of one worker of one session, seeded with ``worker_sampler_seed``. Without a
         session seed (a study opened outside a session: tests, the dashboard), the file's seed + worker."""
         settings = dict(self.sampler)
         if session_seed is not None:
-            settings["seed"] = worker_sampler_seed(settings.get("seed"), session_seed, worker)
+            settings["seed"] = worker_sampler_seed(settings.get("seed"), session_seed, worker, stream)
         elif settings.get("seed") is not None:
             settings["seed"] += worker
         return SAMPLERS[settings.pop("name")](**settings)
@@ -192,11 +197,17 @@ def new_session_seed() -> int:
     return secrets.randbits(32)
 
 
-def worker_sampler_seed(study_seed: int | None, session_seed: int, worker: int) -> int:
+def worker_sampler_seed(study_seed: int | None, session_seed: int, worker: int,
+                        stream: tuple[int, int] = FIRST_STREAM) -> int:
     """The sampler seed of ``worker`` in a session: a function of the study's seed (its file's, or
     SEED=n), the session's seed and the worker, so that a session is replayed from the seed recorded
-    on its MLflow run and on each of its trials (`tune --session-seed`)."""
+    on its MLflow run and on each of its trials (`tune --session-seed`).
+
+    ``stream`` is (phase, opening): a worker that opens the study again, after a lost storage or for
+    the final phase, gets a seed of its own; the same seed would draw its first configurations again."""
     entropy = [session_seed, worker] if study_seed is None else [study_seed, session_seed, worker]
+    if stream != FIRST_STREAM:  # the first stream keeps the seeds that sessions recorded before streams
+        entropy += list(stream)
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 

@@ -108,7 +108,7 @@ def searched_trials(trials) -> list:
 def rung_report(trials, rungs: list[int]) -> dict:
     """How far pruning could be trusted. At each rung (an epoch where the pruner compares trials): the
     rank correlation between the values there and the final values of the trials that ran to the end
-    (the issue's measure: only the best reach the end, which narrows their spread and lowers it), and
+    (the measure of whether a rung predicts: only the best reach the end, which narrows their spread and lowers it), and
     between the values there and at the next rung, over every trial that reached the next rung (a
     wider sample of the same question); and how many searched trials reached the last rung."""
     searched = searched_trials(trials)

@@ -28,7 +28,7 @@ from pipeline import attrs
 from pipeline.search.interrupts import InterruptGate
 from pipeline.search.objective import TRIAL_ERRORS, Objective
 from pipeline.search.study import open_study, quiet_optuna
-from pipeline.search.study_file import worker_sampler_seed
+from pipeline.search.study_file import SEARCH_PHASE, worker_sampler_seed
 from pipeline.search.summary import COMPLETE_OR_PRUNED, ProgressLine, count_complete_or_pruned, count_failed
 from pipeline.stores import StorageError, close_storage, database_problem, open_storage
 
@@ -137,15 +137,17 @@ def _end_with_the_session() -> None:
         os._exit(1)
 
 
-def work(session, trial_trackers, *, worker: int, started: float) -> None:
-    """One worker: load the data once, then run trials until the study's target or the deadline."""
+def work(session, trial_trackers, *, worker: int, started: float, phase: int = SEARCH_PHASE) -> None:
+    """One worker: load the data once, then run trials until the study's target or the deadline. Each
+    opening of the study (the first, and one per lost storage) samples on a stream of its own."""
     spec = session.spec
     device = pick_device(session.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", worker % torch.cuda.device_count())  # one worker per GPU
     configure_cpu_threads(session.workers)
     quiet_optuna()
-    storage, study = _open_for_worker(session, trial_trackers, worker)
+    opening = 0
+    storage, study = _open_for_worker(session, trial_trackers, worker, (phase, opening))
     objective = None
     deadline = None if session.timeout is None else started + session.timeout
     gate = InterruptGate()
@@ -163,7 +165,7 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
                         return epoch_bar(epochs, description=f"trial {trial_number}", deadline=deadline, position=worker)
 
                     objective = Objective(spec, load_fashion_mnist(), device, trial_trackers, gate.deferred, new_bar,
-                                          checkpoints=True, seeds=sampler_seeds(session, worker))
+                                          checkpoints=True, seeds=sampler_seeds(session, worker, (phase, opening)))
                 before = count_complete_or_pruned(study)
                 failed_before = count_failed(study)
                 with gate.holding():  # Ctrl-C ends the training trial, never one Optuna is creating or telling
@@ -187,8 +189,12 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
                 print(f"worker {worker}: lost the study storage ({database_problem(session.storage, lost)}); "
                       f"waiting up to {RECONNECT_SECONDS} s for it to come back", flush=True)
                 lost_storage = storage
-                storage, study = _open_for_worker(session, trial_trackers, worker, patience=RECONNECT_SECONDS)
+                opening += 1
+                storage, study = _open_for_worker(session, trial_trackers, worker, (phase, opening),
+                                                  patience=RECONNECT_SECONDS)
                 close_storage(lost_storage)
+                if objective is not None:
+                    objective.seeds = sampler_seeds(session, worker, (phase, opening))
                 if objective is not None and objective.current_trial is not None:
                     _retry_lost_trial(study, objective.current_trial, trial_trackers)
                 continue
@@ -201,10 +207,11 @@ def work(session, trial_trackers, *, worker: int, started: float) -> None:
         close_storage(storage)  # its connections: a file handle, a server's connection slot
 
 
-def sampler_seeds(session, worker: int) -> dict:
+def sampler_seeds(session, worker: int, stream: tuple[int, int]) -> dict:
     """What each trial of this worker records of its sampler's seed: enough to replay the session."""
     return {attrs.SESSION_SEED: session.session_seed,
-            attrs.WORKER_SAMPLER_SEED: worker_sampler_seed(session.spec.sampler.get("seed"), session.session_seed, worker)}
+            attrs.WORKER_SAMPLER_SEED: worker_sampler_seed(session.spec.sampler.get("seed"), session.session_seed,
+                                                           worker, stream)}
 
 
 def storage_loss(error: BaseException | None) -> BaseException | None:
@@ -217,16 +224,17 @@ def storage_loss(error: BaseException | None) -> BaseException | None:
     return None
 
 
-def _open_for_worker(session, trial_trackers, worker: int, patience: float = 0):
-    """The storage and the study through it; the storage's stale-trial callback also marks the trial's
-    MLflow run. With ``patience``, retried until the storage answers again or that many seconds pass;
-    each failed attempt's storage is closed."""
+def _open_for_worker(session, trial_trackers, worker: int, stream: tuple[int, int], patience: float = 0):
+    """The storage and the study through it, sampling on ``stream``; the storage's stale-trial callback
+    also marks the trial's MLflow run. With ``patience``, retried until the storage answers again or
+    that many seconds pass; each failed attempt's storage is closed."""
     give_up = time.time() + patience
     while True:
         storage = None
         try:
             storage = open_storage(session.storage, on_stale_trial=trial_trackers.stale_trial)
-            return storage, open_study(session.spec, storage, worker=worker, session_seed=session.session_seed)
+            return storage, open_study(session.spec, storage, worker=worker, session_seed=session.session_seed,
+                                       stream=stream)
         except Exception as error:
             if storage is not None:
                 close_storage(storage)

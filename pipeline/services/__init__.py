@@ -1,8 +1,8 @@
 """`make services`: a throwaway PostgreSQL cluster and an MLflow tracking server, for studies shared
 by several sessions or machines.
 
-PostgreSQL (Debian's) holds two databases: `optuna` (the studies) and `mlflow` (the tracking
-server's backend store). The tracking server proxies artifacts (`--artifacts-destination`), so
+PostgreSQL (Debian's) holds three databases: `optuna` (the studies), `mlflow` (the tracking
+server's backend store) and `mlflow_auth` (its logins). The tracking server proxies artifacts (`--artifacts-destination`), so
 clients send models and figures over HTTP and need no shared filesystem. Everything lives under
 one folder (.services/ by default, ignored by git): the cluster, the artifacts, the logs and
 services.json (ports, passwords, the server's process id). The tracking server runs MLflow's basic-auth

@@ -78,7 +78,7 @@ def end_run(client, run_id: str, status: str, reason: str, *, reason_tag: str = 
 
 
 def dataset_input(dataset, seen):
-    """What a run saw of ``dataset`` (a data.DataSeen) as an MLflow dataset input: the run page's
+    """What a run saw of ``dataset`` (a pipeline.data.dataset.DataSeen) as an MLflow dataset input: the run page's
     Datasets. Its digest names the images (the dataset's checksum with the split's indices); its
     profile carries their count, the cut in words and the dataset's full checksum."""
     from mlflow.entities import Dataset, DatasetInput, InputTag

@@ -74,7 +74,7 @@ class TrialTracker:
         self.run_id = run.info.run_id
         log_values(self.client, self.run_id, {},
                    params={**asdict(config), **{f"sampled.{k}": v for k, v in sampled.items()}})
-        if seen:  # the data.DataSeen of ``dataset`` this trial trains and validates on
+        if seen:  # the pipeline.data.dataset.DataSeen of ``dataset`` this trial trains and validates on
             self.client.log_inputs(self.run_id, datasets=[dataset_input(dataset, part) for part in seen])
         return self.run_id
 
